@@ -1,0 +1,1 @@
+"""Lightning and Hydra callbacks: behaviour attached through hooks, state through state_dict."""

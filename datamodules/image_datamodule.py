@@ -1,0 +1,217 @@
+"""One DataModule for every image-classification source: split, transform, load in workers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.sources.base import Pool, SourceData
+from datamodules.split import cap_per_class, stratified_split
+from datamodules.transforms import build_eval_transform, build_train_transform
+from lightning_modules.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+class SplitDataset(Dataset):
+    """Rows ``indices`` of a pool, transformed: item ``i`` is ``(image, target, i)``.
+
+    The row number ``i`` travels with the batch, so predictions can always be matched back to
+    their sample ids (``ImageDataModule.ids(split)[i]``), whatever the sampler did.
+    """
+
+    def __init__(self, pool: Pool, indices: np.ndarray, targets: np.ndarray, transform) -> None:
+        self.pool, self.indices, self.targets, self.transform = pool, indices, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, row: int):
+        image = self.pool.load(int(self.indices[row]))
+        return self.transform(image), int(self.targets[row]), row
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Train/val/test loaders over any data source.
+
+    Splits missing from the source are carved out of its training pool, stratified by class, with
+    ``split_seed`` (independent of the training seed). ``num_classes`` and ``class_names`` come from
+    the data and are available after :meth:`setup`.
+    """
+
+    def __init__(
+        self,
+        *,
+        source,
+        root: str | None = None,
+        classes: Sequence | None = None,
+        max_per_class: int | None = None,
+        split_seed: int = 0,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        image_size: int = 224,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        interpolation: str = "bilinear",
+        eval_crop_pct: float = 1.0,
+        mirror_invariant: bool = True,
+        augment: Mapping | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise UserError(f"data.batch_size={batch_size}: use a positive batch size.")
+        self.source, self.root = source, root
+        self.classes = list(classes) if classes is not None else None
+        self.max_per_class, self.split_seed = max_per_class, int(split_seed)
+        self.fractions = {"val": float(val_fraction), "test": float(test_fraction)}
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.image_size, self.mean, self.std = int(image_size), list(mean), list(std)
+        self.interpolation, self.eval_crop_pct = interpolation, float(eval_crop_pct)
+        self.mirror_invariant = bool(mirror_invariant)
+        self.augment = dict(augment or {})
+        self.class_names: list[str] | None = None
+        self.datasets: dict[str, SplitDataset] = {}
+        self._ids: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------------ data
+    @property
+    def num_classes(self) -> int:
+        if self.class_names is None:
+            raise RuntimeError("call setup() before asking for num_classes")
+        return len(self.class_names)
+
+    def ids(self, split: str) -> list[str]:
+        """Stable sample ids of a split, in loader order (for val/test)."""
+        return self._ids[split]
+
+    def prepare_data(self) -> None:
+        if hasattr(self.source, "prepare"):
+            self.source.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return  # idempotent: Lightning calls setup once per stage
+        data: SourceData = self.source.load()
+        names = list(data.class_names)
+        pools = {"train": data.train, "val": data.val, "test": data.test}
+        keep_map = self._class_map(names)
+        indices: dict[str, np.ndarray] = {}
+        targets: dict[str, np.ndarray] = {}
+        for split, pool in pools.items():
+            if pool is not None:
+                rows = np.flatnonzero(keep_map[pool.targets] >= 0)
+                indices[split], targets[split] = rows, keep_map[pool.targets[rows]]
+        names = [n for i, n in enumerate(names) if keep_map[i] >= 0]
+        missing = {s: self.fractions[s] for s in ("val", "test") if s not in indices}
+        if missing:
+            parts = stratified_split(
+                targets["train"], fractions=missing, seed=self.split_seed, class_names=names
+            )
+            base_idx, base_t = indices["train"], targets["train"]
+            for split, rows in parts.items():
+                indices[split], targets[split] = base_idx[rows], base_t[rows]
+                pools[split] = data.train
+        for split in ("val", "test"):
+            if split not in indices:
+                raise UserError(
+                    f"No {split} set: give data.{split}_fraction > 0 or a separate {split} "
+                    f"folder (data.source.{split}_root)."
+                )
+        if self.max_per_class:
+            keep = cap_per_class(
+                targets["train"],
+                np.arange(len(targets["train"])),
+                max_per_class=int(self.max_per_class),
+                seed=self.split_seed,
+            )
+            indices["train"], targets["train"] = indices["train"][keep], targets["train"][keep]
+        self.class_names = names
+        transforms = {"train": self.train_transform(), "eval": self.eval_transform()}
+        for split in SPLITS:
+            if split not in indices:
+                continue
+            pool = pools[split]
+            tf = transforms["train" if split == "train" else "eval"]
+            self.datasets[split] = SplitDataset(pool, indices[split], targets[split], tf)
+            self._ids[split] = [pool.ids[i] for i in indices[split]]
+        sizes = ", ".join(f"{s} {len(d)}" for s, d in self.datasets.items())
+        log.info("Data: %d classes; %s images (split_seed=%d)", len(names), sizes, self.split_seed)
+
+    def _class_map(self, names: list[str]) -> np.ndarray:
+        """Old class index -> new index (or -1 when the class is dropped by ``classes``)."""
+        mapping = np.arange(len(names))
+        if self.classes is None:
+            return mapping
+        wanted = []
+        for c in self.classes:
+            if str(c) in names:
+                wanted.append(names.index(str(c)))
+            elif isinstance(c, int) and 0 <= c < len(names):
+                wanted.append(c)
+            else:
+                raise UserError(
+                    f"data.classes names '{c}', which is not a class of this data set "
+                    f"(classes: {names[:20]}{' ...' if len(names) > 20 else ''})."
+                )
+        mapping = np.full(len(names), -1)
+        for new, old in enumerate(sorted(set(wanted))):
+            mapping[old] = new
+        return mapping
+
+    # ------------------------------------------------------------------ transforms
+    def eval_transform(self):
+        return build_eval_transform(
+            image_size=self.image_size,
+            mean=self.mean,
+            std=self.std,
+            interpolation=self.interpolation,
+            crop_pct=self.eval_crop_pct,
+        )
+
+    def train_transform(self):
+        return build_train_transform(
+            image_size=self.image_size,
+            mean=self.mean,
+            std=self.std,
+            interpolation=self.interpolation,
+            crop_pct=self.eval_crop_pct,
+            augment=self.augment,
+            mirror_invariant=self.mirror_invariant,
+        )
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, split: str, *, train: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup()
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

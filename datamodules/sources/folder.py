@@ -1,0 +1,125 @@
+"""Images in the ImageFolder layout: ``root/<class name>/**/<image>``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from datamodules.sources.base import Pool, SourceData
+from lightning_modules.errors import UserError
+
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+)
+
+
+def load_rgb(path: str | Path):
+    """Open an image as RGB, honouring its EXIF orientation (grey, palette, RGBA, CMYK → RGB)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+            img = Image.alpha_composite(background, img)
+        return img.convert("RGB")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files below ``folder`` (any depth), sorted for a stable order; hidden files skipped."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def scan_class_folder(root: str | Path, *, class_names: list[str] | None = None):
+    """Return (class names, image paths, targets) of an ImageFolder-style tree.
+
+    With ``class_names`` given (the training set's), the folder must hold the same classes.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise UserError(
+            f"Image folder '{root}' does not exist: set data.root to a folder with one "
+            "sub-folder per class (root/cat/*.jpg, root/dog/*.jpg)."
+        )
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        raise UserError(
+            f"Image folder '{root}' has no class sub-folders: put each class's images in "
+            "its own sub-folder (root/cat/*.jpg, root/dog/*.jpg)."
+        )
+    if class_names is not None and found != class_names:
+        raise UserError(
+            f"'{root}' has classes {found} but the training folder has {class_names}: "
+            "use the same class sub-folders in every split."
+        )
+    paths, targets = [], []
+    for index, name in enumerate(found):
+        files = list_images(root / name)
+        if not files:
+            raise UserError(
+                f"Class folder '{root / name}' holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                "add images or remove the folder."
+            )
+        paths += files
+        targets += [index] * len(files)
+    if class_names is None and len(found) < 2:
+        raise UserError(
+            f"Image folder '{root}' has a single class ('{found[0]}'): a classifier needs at "
+            "least two class sub-folders."
+        )
+    return found, paths, np.asarray(targets, dtype=np.int64)
+
+
+class FileLoader:
+    """``loader(i)`` opens the i-th path as RGB (a picklable callable, for any worker start method)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+
+    def __call__(self, index: int):
+        return load_rgb(self.paths[index])
+
+
+class ImageFolderSource:
+    """Your own images, one sub-folder per class; optional separate validation and test folders.
+
+    Ids are the paths relative to their split's folder (``"cat/001.jpg"``), prefixed by the split
+    for separate folders (``"val:cat/001.jpg"``).
+    """
+
+    def __init__(
+        self,
+        *,
+        root: str,
+        val_root: str | None = None,
+        test_root: str | None = None,
+    ) -> None:
+        self.root, self.val_root, self.test_root = root, val_root, test_root
+
+    def _pool(self, root: str, class_names: list[str] | None, prefix: str) -> tuple[list, Pool]:
+        names, paths, targets = scan_class_folder(root, class_names=class_names)
+        ids = [prefix + p.relative_to(Path(root).expanduser()).as_posix() for p in paths]
+        return names, Pool(load=FileLoader(paths), targets=targets, ids=ids)
+
+    def load(self) -> SourceData:
+        names, train = self._pool(self.root, None, "")
+        val = self._pool(self.val_root, names, "val:")[1] if self.val_root else None
+        test = self._pool(self.test_root, names, "test:")[1] if self.test_root else None
+        return SourceData(class_names=names, train=train, val=val, test=test)

@@ -1,0 +1,179 @@
+"""ImageClassifier: any timm backbone with a new head, trained with cross-entropy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from lightning_modules.backbone import create_backbone
+
+ECE_BINS = 15  # equal-width bins, as in Guo et al. 2017
+
+
+class ImageClassifier(pl.LightningModule):
+    """A timm backbone (``backbone`` by name) with a new ``num_classes`` head.
+
+    Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_best`` and, on test,
+    ``test/acc``, ``test/nll``, ``test/ece`` (15 bins) and ``test/acc_top5`` (more than 5 classes).
+    After ``trainer.test`` the test probabilities are in :attr:`test_outputs`.
+
+    Args:
+        backbone: timm model name.
+        num_classes: number of classes (from the data).
+        class_names: class names (from the data), stored in checkpoints for prediction.
+        pretrained: load timm's pretrained weights.
+        weights: local weights file (loaded by the fine-tuning code).
+        drop_rate: dropout before the head.
+        label_smoothing: label smoothing of the training loss (evaluation uses plain NLL).
+        backbone_kwargs: extra arguments for ``timm.create_model``.
+        optimizer: partial optimizer, called with the parameter groups.
+        scheduler: partial LR schedule, called with the optimizer and ``total_steps``.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: str,
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        pretrained: bool = False,
+        weights: str | None = None,
+        drop_rate: float = 0.0,
+        label_smoothing: float = 0.0,
+        backbone_kwargs: dict | None = None,
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+    ) -> None:
+        super().__init__()
+        # plain python types only: checkpoints must load with torch.load(weights_only=True)
+        self.save_hyperparameters(
+            {
+                "backbone": str(backbone),
+                "num_classes": int(num_classes),
+                "class_names": [str(c) for c in class_names] if class_names else None,
+                "pretrained": bool(pretrained),
+                "weights": str(weights) if weights else None,
+                "drop_rate": float(drop_rate),
+                "label_smoothing": float(label_smoothing),
+                "backbone_kwargs": dict(backbone_kwargs or {}),
+            }
+        )
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.net = create_backbone(
+            name=backbone,
+            num_classes=num_classes,
+            pretrained=pretrained,
+            drop_rate=drop_rate,
+            **dict(backbone_kwargs or {}),
+        )
+        top5 = num_classes > 5
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if top5 else None
+        self.test_ece = MulticlassCalibrationError(num_classes, n_bins=ECE_BINS, norm="l1")
+        self.train_loss, self.val_loss, self.test_nll = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_acc_best = MaxMetric()
+        self.test_outputs: dict[str, torch.Tensor] | None = None
+        self._test_chunks: list[tuple[torch.Tensor, ...]] = []
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    # ------------------------------------------------------------------ train
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y, _ = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        self.train_loss(loss)
+        self.train_acc(logits, y)
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    # ------------------------------------------------------------------ validation
+    def on_train_start(self) -> None:
+        # the sanity check must not count as the best epoch
+        self.val_acc_best.reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y, _ = batch
+        logits = self(x)
+        self.val_loss(F.cross_entropy(logits, y))
+        self.val_acc(logits, y)
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
+
+    # ------------------------------------------------------------------ test
+    def on_test_epoch_start(self) -> None:
+        self._test_chunks = []
+        self.test_outputs = None
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y, rows = batch
+        logits = self(x).float()
+        probs = logits.softmax(dim=-1)
+        self.test_nll(F.cross_entropy(logits, y, reduction="none"))
+        self.test_acc(probs, y)
+        self.test_ece(probs, y)
+        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+        self.log("test/nll", self.test_nll, on_step=False, on_epoch=True)
+        self.log("test/ece", self.test_ece, on_step=False, on_epoch=True)
+        if self.test_acc5 is not None:
+            self.test_acc5(probs, y)
+            self.log("test/acc_top5", self.test_acc5, on_step=False, on_epoch=True)
+        self._test_chunks.append((probs.detach(), y.detach(), rows.detach()))
+
+    def on_test_epoch_end(self) -> None:
+        if not self._test_chunks:
+            return
+        probs, targets, rows = (torch.cat(parts) for parts in zip(*self._test_chunks, strict=True))
+        self._test_chunks = []
+        if self.trainer.world_size > 1:  # every rank's rows (equal sizes: the sampler pads)
+            probs, targets, rows = (
+                self.all_gather(t).flatten(0, 1) for t in (probs, targets, rows)
+            )
+        order = torch.argsort(rows, stable=True)
+        probs, targets, rows = probs[order], targets[order], rows[order]
+        first = torch.ones_like(rows, dtype=torch.bool)
+        first[1:] = rows[1:] != rows[:-1]  # drop the distributed sampler's padding repeats
+        self.test_outputs = {
+            "probs": probs[first].cpu(),
+            "targets": targets[first].cpu(),
+            "rows": rows[first].cpu(),
+        }
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise RuntimeError("ImageClassifier needs an optimizer partial to train")
+        optimizer = self.optimizer_factory(params=self.param_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(
+            optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    def param_groups(self) -> list[dict]:
+        """Two groups: weights with decay; biases and norm parameters (1-D) without."""
+        decay, no_decay = [], []
+        for p in self.net.parameters():
+            (no_decay if p.ndim <= 1 else decay).append(p)
+        return [
+            {"params": decay, "name": "decay"},
+            {"params": no_decay, "name": "no_decay", "weight_decay": 0.0},
+        ]

@@ -1,0 +1,62 @@
+"""Shared test helpers: compose the real Hydra config with fast overrides."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# benchmarks print figures and take long: `make bench` runs them, the default suite does not
+collect_ignore = [] if os.environ.get("RUN_BENCHMARKS") else ["benchmarks"]
+
+# A tiny timm backbone on 32x32 digits, in-process data loading, no progress bar.
+FAST = [
+    "model.backbone=test_resnet",
+    "data.num_workers=0",
+    "trainer.max_epochs=1",
+    "~callbacks.rich_progress_bar",
+    "~callbacks.rich_model_summary",
+]
+
+
+def compose_cfg(tmp_path: Path, overrides: list[str] = (), *, fast: bool = True):
+    """The composed config as ``python run.py`` would see it, writing into ``tmp_path``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    import run  # noqa: F401  (registers the resolvers and PROJECT_ROOT)
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "config", overrides=[*(FAST if fast else []), *overrides], return_hydra_config=True
+        )
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.paths.log_dir = str(tmp_path)
+        cfg.paths.data_dir = str(tmp_path / "data")
+    return cfg
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None = None):
+    """``python run.py <args>`` in a subprocess; returns the CompletedProcess (text output)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    return lambda *overrides, **kw: compose_cfg(tmp_path, list(overrides), **kw)

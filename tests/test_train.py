@@ -1,0 +1,67 @@
+"""train(cfg) in-process: the run contract (metrics.json, predictions), learning, determinism."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lightning_modules.errors import UserError
+from lightning_modules.run_outputs import load_predictions, read_metrics
+
+
+def test_train_writes_metrics_and_predictions(cfg_factory, tmp_path):
+    from run import train
+
+    cfg = cfg_factory("trainer.limit_train_batches=3", "seed=0")
+    metrics, objects = train(cfg)
+    saved = read_metrics(tmp_path)
+    assert saved["seed"] == 0  # seed=0 is a real seed, not "no seed"
+    for key in ("val/acc_best", "test/acc", "test/nll", "test/ece", "test/acc_top5", "train/loss"):
+        assert key in saved, key
+        assert saved[key] == pytest.approx(metrics[key])
+    assert (tmp_path / saved["best_ckpt"]).is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    pred = load_predictions(tmp_path, "test")
+    dm = objects["datamodule"]
+    n = len(dm.ids("test"))
+    assert pred["probs"].shape == (n, 10) and pred["probs"].dtype == np.float32
+    assert np.allclose(pred["probs"].sum(1), 1, atol=1e-5)
+    assert pred["ids"].tolist() == dm.ids("test")  # stable ids, in data order
+    assert pred["targets"].tolist() == dm.datasets["test"].targets.tolist()
+    assert pred["class_names"].tolist() == [str(i) for i in range(10)]
+    # the saved predictions are the ones the metrics were computed from
+    acc = (pred["probs"].argmax(1) == pred["targets"]).mean()
+    assert acc == pytest.approx(saved["test/acc"], abs=1e-6)
+    nll = -np.log(pred["probs"][np.arange(n), pred["targets"]]).mean()
+    assert nll == pytest.approx(saved["test/nll"], rel=1e-3)
+
+
+def test_model_learns_digits_well_above_chance(cfg_factory):
+    from run import train
+
+    cfg = cfg_factory("trainer.max_epochs=3", "augment=none", "model.optimizer.lr=0.01")
+    metrics, _ = train(cfg)
+    assert metrics["test/acc"] > 0.5  # chance is 0.1
+    assert metrics["val/acc_best"] >= metrics["val/acc"] - 1e-9
+
+
+def test_same_seed_deterministic_runs_are_identical(tmp_path):
+    from run import train
+    from tests.conftest import compose_cfg
+
+    overrides = ["trainer.deterministic=true", "trainer.limit_train_batches=4", "seed=7"]
+    results = []
+    for name in ("a", "b", "c"):
+        extra = ["seed=8"] if name == "c" else []
+        cfg = compose_cfg(tmp_path / name, overrides + extra)
+        train(cfg)
+        results.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    assert results[0] == results[1]
+    assert results[0]["test/nll"] != results[2]["test/nll"]  # another seed, another model
+
+
+def test_unknown_backbone_suggests_close_names(cfg_factory):
+    from run import train
+
+    with pytest.raises(UserError, match="Did you mean: .*resnet18"):
+        train(cfg_factory("model.backbone=resnet1"))
