@@ -105,14 +105,24 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
 
 
-TASKS = {"train": train}
+# task name -> "module:function"; each takes the composed cfg and returns (metrics, objects).
+# Imported only when chosen, so one task's dependencies never slow down another.
+TASKS = {
+    "train": "run:train",
+}
 
 
 def run_task(cfg: DictConfig) -> tuple[dict, dict]:
     """Run ``cfg.task`` (pure: no process exit, no Hydra state needed beyond ``cfg``)."""
-    task = TASKS.get(cfg.task)
-    if task is None:
+    import importlib
+
+    target = TASKS.get(cfg.task)
+    if target is None:
         raise UserError(f"Unknown task '{cfg.task}': choose one of {', '.join(TASKS)}.")
+    module, _, name = target.partition(":")
+    task = globals()[name] if module in ("run", "__main__") else None
+    if task is None:
+        task = getattr(importlib.import_module(module), name)
     return task(cfg)
 
 
