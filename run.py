@@ -46,22 +46,21 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     """
     import pytorch_lightning as pl
 
+    from callbacks.step_seed import StepSeed
     from lightning_modules.run_outputs import save_predictions, write_metrics
 
     out_dir = Path(cfg.paths.output_dir)
     seed = pl.seed_everything(cfg.seed, workers=True)  # None -> a random seed, logged
 
-    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule = instantiate(cfg.data, seed=seed, _convert_="all")
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = instantiate(
-        cfg.model,
-        num_classes=datamodule.num_classes,
-        class_names=datamodule.class_names,
-        _convert_="all",
-    )
+    model, finetuning = _build_model(cfg, datamodule)
     loggers = _instantiate_all(cfg.get("logger"))
     callbacks = _instantiate_all(cfg.get("callbacks"))
+    callbacks.append(StepSeed(seed))
+    if finetuning.callback_kwargs is not None:
+        callbacks.append(finetuning.make_callback())
     if not loggers:
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -83,6 +82,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     metrics.update(_scalars(trainer.callback_metrics))
     metrics["best_ckpt"] = str(Path(best).relative_to(out_dir)) if best else None
     metrics["epochs"] = trainer.current_epoch
+    metrics["finetune"] = finetuning.strategy
 
     if trainer.is_global_zero:
         outputs = model.test_outputs
@@ -107,6 +107,37 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
 # task name -> "module:function"; each takes the composed cfg and returns (metrics, objects).
 # Imported only when chosen, so one task's dependencies never slow down another.
+def _build_model(cfg: DictConfig, datamodule):
+    """The model for ``datamodule``'s classes, its weights, and the fine-tuning strategy."""
+    from lightning_modules.finetune import build_finetuning
+    from lightning_modules.layer_groups import layer_groups
+    from lightning_modules.weights import load_weights
+
+    weights = cfg.model.get("weights")
+    has_weights = bool(weights or cfg.model.get("pretrained"))
+    if cfg.finetune.get("name") == "scratch" and has_weights:
+        pretrained = False  # scratch means random init: don't download what won't be used
+    else:
+        pretrained = bool(cfg.model.get("pretrained"))
+    model = instantiate(
+        cfg.model,
+        num_classes=datamodule.num_classes,
+        class_names=datamodule.class_names,
+        pretrained=pretrained,
+        _convert_="all",
+    )
+    finetuning = build_finetuning(
+        cfg.finetune,
+        has_weights=has_weights,
+        train_targets=datamodule.datasets["train"].targets,
+        n_backbone_groups=len(layer_groups(model.net)) - 1,
+    )
+    log.info("Fine-tuning: %s", finetuning.reason)
+    if weights and finetuning.use_weights:
+        load_weights(model.net, weights)
+    return model, finetuning
+
+
 TASKS = {
     "train": "run:train",
 }

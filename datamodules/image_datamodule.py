@@ -7,8 +7,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.epoch_sampler import EpochSampler, sample_seed
 from datamodules.sources.base import Pool, SourceData
 from datamodules.split import cap_per_class, stratified_split
 from datamodules.transforms import build_eval_transform, build_train_transform
@@ -23,18 +25,28 @@ class SplitDataset(Dataset):
     """Rows ``indices`` of a pool, transformed: item ``i`` is ``(image, target, i)``.
 
     The row number ``i`` travels with the batch, so predictions can always be matched back to
-    their sample ids (``ImageDataModule.ids(split)[i]``), whatever the sampler did.
+    their sample ids (``ImageDataModule.ids(split)[i]``), whatever the sampler did. A key
+    ``(epoch, i)`` (from :class:`EpochSampler`) seeds that sample's random augmentation with
+    ``(seed, epoch, i)``, so it is the same in every worker and after a resume.
     """
 
-    def __init__(self, pool: Pool, indices: np.ndarray, targets: np.ndarray, transform) -> None:
+    def __init__(
+        self, pool: Pool, indices: np.ndarray, targets: np.ndarray, transform, *, seed: int = 0
+    ) -> None:
         self.pool, self.indices, self.targets, self.transform = pool, indices, targets, transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, row: int):
+    def __getitem__(self, key):
+        epoch, row = key if isinstance(key, tuple) else (None, key)
         image = self.pool.load(int(self.indices[row]))
-        return self.transform(image), int(self.targets[row]), row
+        if epoch is None:
+            return self.transform(image), int(self.targets[row]), row
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, row))
+            return self.transform(image), int(self.targets[row]), row
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -67,6 +79,7 @@ class ImageDataModule(pl.LightningDataModule):
         eval_crop_pct: float = 1.0,
         mirror_invariant: bool = True,
         augment: Mapping | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -83,6 +96,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.interpolation, self.eval_crop_pct = interpolation, float(eval_crop_pct)
         self.mirror_invariant = bool(mirror_invariant)
         self.augment = dict(augment or {})
+        self.seed = int(seed)  # the training seed: data order and augmentation
         self.class_names: list[str] | None = None
         self.datasets: dict[str, SplitDataset] = {}
         self._ids: dict[str, list[str]] = {}
@@ -146,7 +160,9 @@ class ImageDataModule(pl.LightningDataModule):
                 continue
             pool = pools[split]
             tf = transforms["train" if split == "train" else "eval"]
-            self.datasets[split] = SplitDataset(pool, indices[split], targets[split], tf)
+            self.datasets[split] = SplitDataset(
+                pool, indices[split], targets[split], tf, seed=self.seed
+            )
             self._ids[split] = [pool.ids[i] for i in indices[split]]
         sizes = ", ".join(f"{s} {len(d)}" for s, d in self.datasets.items())
         log.info("Data: %d classes; %s images (split_seed=%d)", len(names), sizes, self.split_seed)
@@ -197,10 +213,16 @@ class ImageDataModule(pl.LightningDataModule):
     def _loader(self, split: str, *, train: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup()
+        sampler = None
+        if train:  # order and augmentation fixed by (seed, epoch): exact resume
+            trainer = getattr(self, "trainer", None)
+            epoch = trainer.current_epoch if trainer is not None else 0
+            sampler = EpochSampler(len(self.datasets[split]), seed=self.seed, epoch=epoch)
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=sampler,
+            shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,

@@ -29,6 +29,18 @@ def create_backbone(
             f"Unknown backbone '{name}' for model.backbone.{hint} "
             "List them with: python -c \"import timm; print(timm.list_models('*resnet*'))\""
         )
-    return timm.create_model(
-        name, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate, **kwargs
-    )
+    try:
+        return timm.create_model(
+            name, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate, **kwargs
+        )
+    except Exception as err:
+        if not pretrained or isinstance(err, (TypeError, UserError)):
+            raise
+        # no network, no cached copy, or the hub refused: say how to use a local file instead
+        raise UserError(
+            f"Could not fetch pretrained weights for '{name}' ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:160] if str(err) else 'no details'}). Offline, download "
+            "the weights once elsewhere and pass the file: model.pretrained=false "
+            "model.weights=/path/to/model.safetensors (a timm state dict or a checkpoint of "
+            "this framework)."
+        ) from err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
@@ -11,6 +12,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from lightning_modules.backbone import create_backbone
+from lightning_modules.errors import UserError
 
 ECE_BINS = 15  # equal-width bins, as in Guo et al. 2017
 
@@ -64,6 +66,8 @@ class ImageClassifier(pl.LightningModule):
             }
         )
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        # set by callbacks.ProgressiveUnfreeze before configure_optimizers; None = all trainable
+        self.finetune_plan = None
         self.net = create_backbone(
             name=backbone,
             num_classes=num_classes,
@@ -155,25 +159,75 @@ class ImageClassifier(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
+        """The injected optimizer over :meth:`param_groups`, and the injected LR schedule.
+
+        With a fine-tuning plan (set by ``callbacks.ProgressiveUnfreeze``), each layer group's LR
+        is ``lr × its multiplier × schedule(step)``, gated to 0 until the group is unfrozen.
+        """
+        import inspect
+
         if self.optimizer_factory is None:
             raise RuntimeError("ImageClassifier needs an optimizer partial to train")
-        optimizer = self.optimizer_factory(params=self.param_groups())
+        groups = self.param_groups()
+        optimizer = self.optimizer_factory(params=groups)
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * group.get("lr_mult", 1.0)
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(
-            optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
-        )
+        total = int(self.trainer.estimated_stepping_batches)
+        kwargs = {"total_steps": total}
+        if self.finetune_plan is not None:
+            if "group_starts" not in inspect.signature(self.scheduler_factory).parameters:
+                raise UserError(
+                    "Progressive unfreezing gates each layer group's LR through the schedule, "
+                    "and the configured model.scheduler cannot: use "
+                    "lightning_modules.schedules.warmup_cosine (the default)."
+                )
+            epochs = max(1, int(self.trainer.max_epochs or 1))
+            starts = self.finetune_plan.starts(steps_per_epoch=math.ceil(total / epochs))
+            kwargs["group_starts"] = [starts[g["layer_group"]] for g in groups]
+        scheduler = self.scheduler_factory(optimizer, **kwargs)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
 
     def param_groups(self) -> list[dict]:
-        """Two groups: weights with decay; biases and norm parameters (1-D) without."""
-        decay, no_decay = [], []
-        for p in self.net.parameters():
-            (no_decay if p.ndim <= 1 else decay).append(p)
-        return [
-            {"params": decay, "name": "decay"},
-            {"params": no_decay, "name": "no_decay", "weight_decay": 0.0},
-        ]
+        """Optimizer parameter groups, named for the LR monitor.
+
+        Without a fine-tuning plan: ``decay`` and ``no_decay`` (biases and norm parameters, no
+        weight decay). With one: the same split for every layer group (``layer3``,
+        ``layer3/no_decay``, ...), each with its ``lr_mult`` and ``layer_group`` index.
+        """
+        plan = self.finetune_plan
+        layer_groups = plan.groups if plan is not None else None
+        named = dict(self.net.named_parameters())
+        sets = (
+            [
+                (g.name, [named[n] for n in g.param_names], m)
+                for g, m in zip(layer_groups, plan.lr_mults, strict=True)
+            ]
+            if layer_groups is not None
+            else [("", list(named.values()), 1.0)]
+        )
+        out = []
+        for index, (name, params, mult) in enumerate(sets):
+            decay = [p for p in params if p.ndim > 1]
+            no_decay = [p for p in params if p.ndim <= 1]
+            for suffix, members, extra in (
+                ("", decay, {}),
+                ("no_decay", no_decay, {"weight_decay": 0.0}),
+            ):
+                if not members:
+                    continue
+                label = "/".join(x for x in (name, suffix) if x) or "decay"
+                out.append(
+                    {
+                        "params": members,
+                        "name": label,
+                        "lr_mult": mult,
+                        "layer_group": index,
+                        **extra,
+                    }
+                )
+        return out

@@ -1,0 +1,135 @@
+"""Fine-tuning strategies, and the `auto` policy that picks one from the situation.
+
+- ``scratch``: random initialisation, everything trainable at one LR (weights are not loaded).
+- ``linear_probe``: backbone frozen for the whole run; only the new head trains (feature
+  extraction). Its features can be cached (``cache_features``).
+- ``progressive``: head first, then timm layer groups unfrozen from the top on a schedule, each
+  with its own LR (``callbacks.progressive_unfreeze``).
+- ``full``: everything trainable from the pretrained init, with discriminative LRs.
+- ``auto``: the rule of thumb made explicit (thresholds are training images per class):
+
+  ============================================  ===================================================
+  situation                                     strategy
+  ============================================  ===================================================
+  no pretrained weights                         scratch
+  fewer than ``few_per_class``                  linear_probe (little data: freeze everything)
+  fewer than ``many_per_class``                 progressive, top half of the groups only
+  fewer than ``lots_per_class``                 progressive, every group
+  otherwise                                     full (lots of data: fine-tune everything)
+  ============================================  ===================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from lightning_modules.errors import UserError
+
+STRATEGIES = ("scratch", "linear_probe", "progressive", "full", "auto")
+
+
+@dataclass
+class Finetuning:
+    """The strategy a run uses, why, and what it needs (a callback, weights, a feature cache)."""
+
+    strategy: str
+    reason: str
+    callback_kwargs: dict | None  # for callbacks.ProgressiveUnfreeze; None = all trainable
+    use_weights: bool
+    cache_features: bool = False
+
+    def make_callback(self):
+        if self.callback_kwargs is None:
+            return None
+        from hydra.utils import instantiate
+
+        return instantiate(self.callback_kwargs, _convert_="all")
+
+
+def choose_strategy(
+    *,
+    has_weights: bool,
+    images_per_class: float,
+    n_groups: int,
+    few_per_class: int = 20,
+    many_per_class: int = 200,
+    lots_per_class: int = 1000,
+) -> tuple[str, dict, str]:
+    """The ``auto`` policy: (strategy, callback overrides, one-line reason)."""
+    if not few_per_class <= many_per_class <= lots_per_class:
+        raise UserError(
+            "finetune thresholds must satisfy few_per_class <= many_per_class <= lots_per_class "
+            f"(got {few_per_class}, {many_per_class}, {lots_per_class})."
+        )
+    n = f"{images_per_class:.0f} training images per class"
+    if not has_weights:
+        return "scratch", {}, "no pretrained weights (model.pretrained=false, model.weights=null)"
+    if images_per_class < few_per_class:
+        return "linear_probe", {"max_unfrozen": 0}, f"pretrained, {n} < {few_per_class}"
+    if images_per_class < many_per_class:
+        half = math.ceil(n_groups / 2)
+        return (
+            "progressive",
+            {"max_unfrozen": half},
+            f"pretrained, {few_per_class} <= {n} < {many_per_class}: top {half} of {n_groups} "
+            "groups unfrozen",
+        )
+    if images_per_class < lots_per_class:
+        return (
+            "progressive",
+            {"max_unfrozen": None},
+            f"pretrained, {many_per_class} <= {n} < {lots_per_class}",
+        )
+    return (
+        "full",
+        {"every": 0, "milestones": None, "max_unfrozen": None},
+        f"pretrained, {n} >= {lots_per_class}",
+    )
+
+
+def build_finetuning(
+    conf: Mapping,
+    *,
+    has_weights: bool,
+    train_targets: np.ndarray,
+    n_backbone_groups: int,
+) -> Finetuning:
+    """Resolve the ``finetune`` config (``auto`` included) for this model and data."""
+    conf = dict(conf)
+    name = conf.get("name")
+    if name not in STRATEGIES:
+        raise UserError(f"Unknown finetune strategy '{name}': use one of {', '.join(STRATEGIES)}.")
+    callback = dict(conf.get("callback") or {})
+    cache = bool(conf.get("cache_features", False))
+    counts = np.bincount(np.asarray(train_targets))
+    per_class = float(counts[counts > 0].mean()) if counts.size else 0.0
+    if name == "auto":
+        name, overrides, reason = choose_strategy(
+            has_weights=has_weights,
+            images_per_class=per_class,
+            n_groups=n_backbone_groups,
+            few_per_class=int(conf.get("few_per_class", 20)),
+            many_per_class=int(conf.get("many_per_class", 200)),
+            lots_per_class=int(conf.get("lots_per_class", 1000)),
+        )
+        reason = f"auto chose {name}: {reason}"
+        callback.update(overrides)
+    else:
+        reason = f"finetune={name}"
+        if not has_weights and name != "scratch":
+            reason += " on a randomly initialised backbone (no model.weights or model.pretrained)"
+    if name == "scratch":
+        if has_weights:
+            reason += " (weights not loaded: scratch trains from random init)"
+        return Finetuning("scratch", reason, None, use_weights=False)
+    return Finetuning(
+        name,
+        reason,
+        callback,
+        use_weights=True,
+        cache_features=cache and name == "linear_probe",
+    )
