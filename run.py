@@ -68,7 +68,15 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         logger.log_hyperparams(resolved_config(cfg))
 
     log.info("Run directory: %s", out_dir)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    fit_data = datamodule
+    if finetuning.cache_features:  # frozen backbone: train the head on features computed once
+        from lightning_modules.feature_cache import FeatureDataModule, cached_features
+
+        features = cached_features(
+            model.net, datamodule, cache_dir=Path(cfg.paths.data_dir) / "cache" / "features"
+        )
+        fit_data, model.inputs = FeatureDataModule(features, datamodule), "features"
+    trainer.fit(model, datamodule=fit_data, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = {
         "seed": seed,
         "split_seed": datamodule.split_seed,
@@ -78,7 +86,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     if best is None:
         log.warning("No best checkpoint (no ModelCheckpoint callback): testing the final weights.")
-    trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
+    trainer.test(model, datamodule=fit_data, ckpt_path=best, weights_only=True)
+    model.inputs = "images"
     metrics.update(_scalars(trainer.callback_metrics))
     metrics["best_ckpt"] = str(Path(best).relative_to(out_dir)) if best else None
     metrics["epochs"] = trainer.current_epoch
