@@ -45,7 +45,11 @@ def _options():
 def test_every_config_option_composes_and_resolves(tmp_path, group, option):
     from omegaconf import OmegaConf
 
-    extra = ["data.root=/some/images"] if option == "folder" else []
+    required = {
+        "folder": ["data.root=/some/images"],
+        "transfer_finetune": ["model.weights=/w.ckpt"],
+    }
+    extra = required.get(option, [])
     cfg = compose_cfg(tmp_path, [f"{group}={option}", *extra], fast=False)
     resolved = {
         key: OmegaConf.to_container(cfg[key], resolve=True, throw_on_missing=True)

@@ -1,0 +1,103 @@
+"""Fine-tuning speed: the frozen-feature cache, and a train step with a frozen backbone.
+
+Run with `make bench` (or `RUN_BENCHMARKS=1 python -m pytest tests/benchmarks/bench_finetune.py -s`).
+Prints its figures; targets: cached epoch >= 20x faster than uncached (after the one pass);
+a frozen-backbone train step <= 0.5x a full fine-tuning step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+BACKBONE = "resnet10t"  # the default model
+
+
+class EpochTimer(pl.Callback):
+    def __init__(self):
+        self.times = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._t = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.times.append(time.perf_counter() - self._t)
+
+
+def _fit_epochs(tmp_path, name, overrides):
+    from run import train
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(
+        tmp_path / name,
+        [
+            f"model.backbone={BACKBONE}",
+            "augment=none",
+            "trainer.max_epochs=3",
+            "trainer.limit_val_batches=0",
+            "trainer.num_sanity_val_steps=0",
+            "~callbacks.early_stopping",
+            "~callbacks.model_checkpoint",
+            f"+callbacks.timer._target_={__name__}.EpochTimer",
+            *overrides,
+        ],
+    )
+    t0 = time.perf_counter()
+    _, objects = train(cfg)
+    total = time.perf_counter() - t0
+    timer = next(c for c in objects["trainer"].callbacks if isinstance(c, EpochTimer))
+    return timer.times, total
+
+
+def test_bench_feature_cache(tmp_path):
+    from lightning_modules import feature_cache
+
+    feature_cache._MEMORY.clear()
+    plain, plain_total = _fit_epochs(
+        tmp_path, "plain", ["finetune=linear_probe", "finetune.cache_features=false"]
+    )
+    t0 = time.perf_counter()
+    cached, cached_total = _fit_epochs(tmp_path, "cached", ["finetune=linear_probe"])
+    del t0
+    per_plain = sum(plain[1:]) / len(plain[1:])
+    per_cached = sum(cached[1:]) / len(cached[1:])
+    print(
+        f"\n[feature cache] {BACKBONE} on digits, linear probe, per epoch: uncached "
+        f"{per_plain * 1000:.1f} ms, cached {per_cached * 1000:.1f} ms -> "
+        f"{per_plain / per_cached:.1f}x faster (target >= 20x); whole run incl. the one "
+        f"feature pass: {plain_total:.1f} s vs {cached_total:.1f} s"
+    )
+
+
+def test_bench_frozen_step_vs_full_step():
+    import timm
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+
+    def step_time(frozen: bool) -> float:
+        net = timm.create_model(BACKBONE, num_classes=10)
+        head = set(id(p) for p in net.get_classifier().parameters())
+        for p in net.parameters():
+            p.requires_grad_(not frozen or id(p) in head)
+        params = [p for p in net.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        times = []
+        for i in range(12):
+            t = time.perf_counter()
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2]
+
+    full, frozen = step_time(False), step_time(True)
+    print(
+        f"\n[train step] {BACKBONE}, batch 64 at 32 px: full fine-tuning {full * 1000:.1f} ms, "
+        f"frozen backbone {frozen * 1000:.1f} ms -> {frozen / full:.2f}x (target <= 0.5x)"
+    )
