@@ -114,8 +114,6 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
 
 
-# task name -> "module:function"; each takes the composed cfg and returns (metrics, objects).
-# Imported only when chosen, so one task's dependencies never slow down another.
 def _build_model(cfg: DictConfig, datamodule):
     """The model for ``datamodule``'s classes, its weights, and the fine-tuning strategy."""
     from lightning_modules.finetune import build_finetuning
@@ -147,6 +145,8 @@ def _build_model(cfg: DictConfig, datamodule):
     return model, finetuning
 
 
+# task name -> "module:function"; each takes the composed cfg and returns (metrics, objects).
+# Imported only when chosen, so one task's dependencies never slow down another.
 TASKS = {
     "train": "run:train",
 }
