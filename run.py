@@ -96,18 +96,30 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     if trainer.is_global_zero:
         outputs = model.test_outputs
         ids = datamodule.ids("test")
-        save_predictions(
-            out_dir,
-            "test",
-            probs=outputs["probs"].numpy(),
-            targets=outputs["targets"].numpy(),
-            ids=[ids[r] for r in outputs["rows"].tolist()],
-            class_names=datamodule.class_names,
-        )
+        if getattr(datamodule, "tasks", None) is not None:  # multi-task: a file per task
+            from lightning_modules.multitask import save_task_predictions
+
+            save_task_predictions(out_dir, "test", outputs, ids=ids, tasks=model.tasks)
+        else:
+            save_predictions(
+                out_dir,
+                "test",
+                probs=outputs["probs"].numpy(),
+                targets=outputs["targets"].numpy(),
+                ids=[ids[r] for r in outputs["rows"].tolist()],
+                class_names=datamodule.class_names,
+            )
         write_metrics(out_dir, metrics)
     summary = ", ".join(
         f"{k}={metrics[k]:.4f}"
-        for k in ("val/acc_best", "test/acc", "test/nll", "test/ece")
+        for k in (
+            "val/acc_best",
+            "test/acc",
+            "test/nll",
+            "test/ece",
+            "val/score_best",
+            "test/score",
+        )
         if k in metrics
     )
     log.info("Seed %s: %s", seed, summary)
@@ -126,13 +138,7 @@ def _build_model(cfg: DictConfig, datamodule):
         pretrained = False  # scratch means random init: don't download what won't be used
     else:
         pretrained = bool(cfg.model.get("pretrained"))
-    model = instantiate(
-        cfg.model,
-        num_classes=datamodule.num_classes,
-        class_names=datamodule.class_names,
-        pretrained=pretrained,
-        _convert_="all",
-    )
+    model = instantiate(cfg.model, **_data_kwargs(cfg, datamodule), pretrained=pretrained)
     finetuning = build_finetuning(
         cfg.finetune,
         has_weights=has_weights,
@@ -143,6 +149,33 @@ def _build_model(cfg: DictConfig, datamodule):
     if weights and finetuning.use_weights:
         load_weights(model.net, weights)
     return model, finetuning
+
+
+def _data_kwargs(cfg: DictConfig, datamodule) -> dict:
+    """What the model learns from the data: classes, or the tasks of multi-task data."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    tasks = getattr(datamodule, "tasks", None)
+    takes_tasks = "tasks" in inspect.signature(get_class(cfg.model._target_)).parameters
+    if takes_tasks and tasks is None:
+        raise UserError(
+            "A multi-task model needs a label column per task: use data=csv (or "
+            "experiment=multitask), or model=classifier for this data."
+        )
+    if tasks is not None and not takes_tasks:
+        raise UserError(
+            f"This data has several tasks ({', '.join(tasks)}): use model=multitask, whose "
+            "heads and losses follow them."
+        )
+    if tasks is not None:
+        return {"tasks": tasks, "_convert_": "all"}
+    return {
+        "num_classes": datamodule.num_classes,
+        "class_names": datamodule.class_names,
+        "_convert_": "all",
+    }
 
 
 # task name -> "module:function"; each takes the composed cfg and returns (metrics, objects).

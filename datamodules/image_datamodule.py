@@ -57,6 +57,8 @@ class ImageDataModule(pl.LightningDataModule):
     the data and are available after :meth:`setup`.
     """
 
+    dataset_class = SplitDataset  # what each split is made of (subclasses change the targets)
+
     def __init__(
         self,
         *,
@@ -160,7 +162,7 @@ class ImageDataModule(pl.LightningDataModule):
                 continue
             pool = pools[split]
             tf = transforms["train" if split == "train" else "eval"]
-            self.datasets[split] = SplitDataset(
+            self.datasets[split] = self.dataset_class(
                 pool, indices[split], targets[split], tf, seed=self.seed
             )
             self._ids[split] = [pool.ids[i] for i in indices[split]]
