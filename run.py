@@ -182,6 +182,7 @@ def _data_kwargs(cfg: DictConfig, datamodule) -> dict:
 # Imported only when chosen, so one task's dependencies never slow down another.
 TASKS = {
     "train": "run:train",
+    "visualize": "lightning_modules.visualize:visualize",
 }
 
 
