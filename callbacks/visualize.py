@@ -75,6 +75,7 @@ class Visualize(pl.Callback):
             max_filters=self.max_filters,
             activation_image=self.activation_image,
             batch_size=data.eval_batch_size,
+            num_workers=data.num_workers,
         )
         log_pictures(trainer.loggers, self.paths, step=trainer.global_step)
         log.info("Pictures: %s", ", ".join(str(p) for p in self.paths.values()))

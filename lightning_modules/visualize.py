@@ -222,8 +222,8 @@ def folder_images(folder: str | Path, transform, class_names: Sequence[str]) -> 
 def pick_images(targets: torch.Tensor | None, predicted: torch.Tensor, n: int) -> list[int]:
     """Up to ``n`` images to explain: up to half of them mistakes, the rest one per class in turn.
 
-    Mistakes come first (one per true class in turn), then correct images in class order;
-    without labels, the first ``n`` images.
+    Mistakes come first (one per true class in turn), then correct images in class order, then
+    unlabelled ones; without labels, the first ``n`` images.
     """
     if targets is None or not bool((targets >= 0).any()):
         return list(range(min(n, len(predicted))))
@@ -243,18 +243,32 @@ def pick_images(targets: torch.Tensor | None, predicted: torch.Tensor, n: int) -
     labelled = targets >= 0
     wrong = round_robin(labelled & (predicted != targets), n // 2)
     right = round_robin(labelled & (predicted == targets), n - len(wrong))
-    return wrong + right
+    unlabelled = torch.nonzero(~labelled).flatten().tolist()
+    return wrong + right + unlabelled[: n - len(wrong) - len(right)]
+
+
+class _Loading(torch.utils.data.Dataset):
+    def __init__(self, images: ImageSet) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images.load(i)
 
 
 @torch.no_grad()
-def predict_all(net, head: Head, images: ImageSet, *, batch_size: int = 256) -> torch.Tensor:
+def predict_all(
+    net, head: Head, images: ImageSet, *, batch_size: int = 256, num_workers: int = 0
+) -> torch.Tensor:
     """Probabilities ``(N, C)`` (regression: the predicted values ``(N, 1)``) of every image."""
     device = next(net.parameters()).device
+    loader = torch.utils.data.DataLoader(
+        _Loading(images), batch_size=batch_size, num_workers=num_workers
+    )
     out = []
-    for start in range(0, len(images), batch_size):
-        x = torch.stack(
-            [images.load(i) for i in range(start, min(len(images), start + batch_size))]
-        )
+    for x in loader:
         logits = head.select(net(x.to(device))).float()
         out.append((logits if head.kind == "regression" else logits.softmax(dim=1)).cpu())
     return torch.cat(out)
@@ -283,6 +297,7 @@ def draw_pictures(
     max_filters: int = 64,
     activation_image: int = 0,
     batch_size: int = 256,
+    num_workers: int = 0,
 ) -> tuple[dict[str, Path], dict]:
     """Draw every picture for ``images`` into ``out_dir``; returns ``(paths, metrics)``.
 
@@ -311,7 +326,7 @@ def draw_pictures(
     names = head.class_names
     regression = head.kind == "regression"
     try:
-        scores = predict_all(net, head, images, batch_size=batch_size)
+        scores = predict_all(net, head, images, batch_size=batch_size, num_workers=num_workers)
         targets = images.targets
         predicted = scores.argmax(dim=1) if not regression else torch.zeros(len(scores))
         picked = pick_images(targets, predicted.long(), num_images)
@@ -451,6 +466,7 @@ def visualize(cfg: DictConfig) -> tuple[dict, dict]:
         max_filters=int(options.get("max_filters", 64)),
         activation_image=int(options.get("activation_image", 0)),
         batch_size=datamodule.eval_batch_size,
+        num_workers=datamodule.num_workers,
     )
     log_pictures(_instantiate_all(cfg.get("logger")), paths)
     metrics = {"checkpoint": str(checkpoint), **metrics}

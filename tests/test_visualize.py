@@ -141,6 +141,8 @@ def test_mistakes_come_first_then_one_image_per_class():
     assert picked[:2] == [1, 3]  # half mistakes, one per true class in turn (0, then 1)
     assert picked[2:] == [0, 2]  # then correct ones, class by class
     assert pick_images(None, predicted, 3) == [0, 1, 2]  # unlabelled: the first ones
+    partly = torch.tensor([-1, 0, -1, 1])  # two labelled, both right: then the unlabelled
+    assert pick_images(partly, torch.tensor([0, 0, 0, 1]), 3) == [1, 3, 0]
 
 
 def test_pictures_go_to_loggers_that_take_images(tmp_path):
