@@ -59,8 +59,18 @@ class CamRow:
     label: str = ""
 
 
-def plot_gradcam(path: Path, rows: Sequence[CamRow], *, title: str, alpha: float = 0.5) -> Path:
-    """Image | heatmap of the predicted class | heatmap of the true class, one row per image."""
+def plot_gradcam(
+    path: Path,
+    rows: Sequence[CamRow],
+    *,
+    title: str,
+    alpha: float = 0.5,
+    regression: bool = False,
+) -> Path:
+    """Image | heatmap of the predicted class | heatmap of the true class, one row per image.
+
+    ``regression``: one heatmap per image, for the predicted value (the true value in the titles).
+    """
     plt = _plt()
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -87,7 +97,7 @@ def plot_gradcam(path: Path, rows: Sequence[CamRow], *, title: str, alpha: float
         if row.label:
             ax_img.set_xlabel(_short(row.label, 30), fontsize=7)
         correct = row.true is not None and row.true == row.predicted
-        colour = "black" if row.true is None else ("green" if correct else "red")
+        colour = "black" if row.true is None or regression else ("green" if correct else "red")
         prob = "" if np.isnan(row.probability) else f" (p={row.probability:.2f})"
         panels = (
             (ax_pred, row.cam_predicted, f"predicted: {_short(row.predicted)}{prob}", colour),
@@ -95,7 +105,8 @@ def plot_gradcam(path: Path, rows: Sequence[CamRow], *, title: str, alpha: float
         )
         for ax, cam, text, text_colour in panels:
             if cam is None:
-                ax.text(0.5, 0.5, "no true label", ha="center", va="center", fontsize=8)
+                note = "regression: one map,\nfor the predicted value" if regression else None
+                ax.text(0.5, 0.5, note or "no true label", ha="center", va="center", fontsize=8)
             else:
                 ax.imshow(row.image, interpolation="nearest")
                 ax.imshow(cam, cmap=CAM_CMAP, alpha=alpha, vmin=0, vmax=1, interpolation="bilinear")
@@ -105,9 +116,14 @@ def plot_gradcam(path: Path, rows: Sequence[CamRow], *, title: str, alpha: float
             ax.set_yticks([])
             if ax is not ax_img and (row.cam_true is None and ax is ax_true):
                 ax.axis("off")
+    legend = (
+        "middle: evidence for a higher predicted value"
+        if regression
+        else "middle: evidence for the predicted class (green: right, red: wrong); "
+        "right: for the true class"
+    )
     fig.suptitle(
-        f"{title}\nmiddle: evidence for the predicted class (green: right, red: wrong); "
-        "right: for the true class",
+        f"{title}\n{legend}",
         fontsize=9,
         y=1 - 0.12 / height,
         va="top",
@@ -115,7 +131,8 @@ def plot_gradcam(path: Path, rows: Sequence[CamRow], *, title: str, alpha: float
     middle = grid[n // 2, 3].get_position()
     cax = fig.add_axes((middle.x0, 0.3, 0.015, 0.4))
     bar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap=CAM_CMAP), cax=cax)
-    bar.set_label("evidence for the class (1 = strongest in the image)", fontsize=8)
+    what = "a higher value" if regression else "the class"
+    bar.set_label(f"evidence for {what} (1 = strongest in the image)", fontsize=8)
     return _save(fig, path)
 
 

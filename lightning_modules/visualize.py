@@ -157,6 +157,7 @@ class ImageSet:
     load: Callable[[int], torch.Tensor]
     ids: list[str]
     targets: torch.Tensor | None  # per image: class index, -1 = unlabelled; None = no labels
+    values: torch.Tensor | None = None  # regression heads: the label per image, NaN = none
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -182,8 +183,10 @@ def split_images(datamodule, split: str, head: Head) -> ImageSet:
     rows = torch.as_tensor(
         np.asarray(dataset.labels if head.column is not None else dataset.targets)
     )
-    targets = head.targets(rows) if head.kind != "regression" else None
-    return ImageSet(_SplitImages(dataset), list(datamodule.ids(split)), targets)
+    ids = list(datamodule.ids(split))
+    if head.kind == "regression":
+        return ImageSet(_SplitImages(dataset), ids, None, rows[:, head.column].float())
+    return ImageSet(_SplitImages(dataset), ids, head.targets(rows))
 
 
 class _FileImages:
@@ -353,6 +356,8 @@ def draw_pictures(
             true = None
             if rows_true is not None and int(rows_true[k]) >= 0:
                 true = names[int(rows_true[k])]
+            if regression and images.values is not None and not torch.isnan(images.values[i]):
+                true = f"{float(images.values[i]):.3g}"
             rows.append(
                 CamRow(
                     image=shown[k],
@@ -360,7 +365,9 @@ def draw_pictures(
                     probability=prob,
                     cam_predicted=cam_pred.heatmaps[k].numpy(),
                     true=true,
-                    cam_true=cam_true.heatmaps[k].numpy() if true is not None else None,
+                    cam_true=None
+                    if cam_true is None or true is None
+                    else cam_true.heatmaps[k].numpy(),
                     label=images.ids[i],
                 )
             )
@@ -371,6 +378,7 @@ def draw_pictures(
             out_dir / "gradcam.png",
             rows,
             title=f"{title}{what}: {method_name} on the {cam_pred.layer} ({h}×{w})",
+            regression=regression,
         )
         conv_name, weight = first_conv(net)
         paths["first_conv_filters"] = plot_filters(

@@ -173,3 +173,35 @@ def test_confusion_matrix_counts_true_rows_and_predicted_columns():
     np.testing.assert_array_equal(
         confusion_matrix(targets, predicted, 5), sk_confusion(targets, predicted, labels=range(5))
     )
+
+
+def test_multi_task_heads_are_explained_one_task_at_a_time(tmp_path):
+    from lightning_modules.multitask import MultiTaskModel
+    from lightning_modules.visualize import ImageSet, draw_pictures, head_of
+
+    torch.manual_seed(0)
+    tasks = {
+        "age": {"type": "regression", "mean": 40.0, "std": 10.0},
+        "smoker": {"type": "binary", "class_names": ["no", "yes"]},
+    }
+    model = MultiTaskModel(backbone="test_resnet", tasks=tasks).eval()
+    x = torch.randn(3, 3, 32, 32)
+    # binary: the pair (-z/2, z/2) has the softmax (1 - sigmoid(z), sigmoid(z))
+    smoker = head_of(model)  # the first non-regression task
+    assert smoker.name == "smoker" and smoker.class_names == ["no", "yes"]
+    with torch.no_grad():
+        z = model(x)["smoker"]
+        probs = smoker.select(model.net(x)).softmax(1)
+    assert torch.allclose(probs[:, 1], torch.sigmoid(z), atol=1e-6)
+    # regression: one map per image for the predicted value, no confusion matrix
+    age = head_of(model, "age")
+    images = ImageSet(x.__getitem__, ["a", "b", "c"], None, torch.tensor([30.0, float("nan"), 50]))
+    common = {"mean": (0.5,) * 3, "std": (0.25,) * 3, "title": "t", "num_images": 2, "channels": 2}
+    paths, metrics = draw_pictures(model.net, age, images, tmp_path / "age", **common)
+    assert set(paths) == {"gradcam", "first_conv_filters", "activations"} and metrics == {}
+    labels = torch.tensor([1, 0, -1])  # the third image has no label
+    images = ImageSet(x.__getitem__, ["a", "b", "c"], labels)
+    paths, metrics = draw_pictures(model.net, smoker, images, tmp_path / "smoker", **common)
+    assert metrics["images"] == 2 and "confusion_matrix" in paths
+    with pytest.raises(UserError, match="not a task"):
+        head_of(model, "height")
