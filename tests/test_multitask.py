@@ -205,13 +205,7 @@ def test_each_task_is_learned_from_its_own_image_property(cfg_factory, tmp_path,
     """brightness (regression), colour (classification), marker (binary), 20 % labels missing."""
     from run import train
 
-    cfg = cfg_factory(
-        *_csv_overrides(synthetic_csv),
-        "trainer.max_epochs=5",
-        "callbacks=[default,visualize]",
-        "visualize.num_images=3",
-        "visualize.channels=3",
-    )
+    cfg = cfg_factory(*_csv_overrides(synthetic_csv), "trainer.max_epochs=5")
     metrics, objects = train(cfg)
     saved = read_metrics(tmp_path)
     assert saved["test/colour/acc"] > 0.8  # chance: 1/3
@@ -238,9 +232,6 @@ def test_each_task_is_learned_from_its_own_image_property(cfg_factory, tmp_path,
     mae = np.abs(brightness["preds"] - brightness["targets"]).mean()
     assert mae == pytest.approx(saved["test/brightness/mae"], rel=1e-4)
     assert not (tmp_path / "predictions" / "test.npz").exists()  # no single-task file
-    # the end-of-run pictures explain the first classification task
-    for name in ("gradcam", "first_conv_filters", "activations", "confusion_matrix"):
-        assert (tmp_path / f"{name}.png").stat().st_size > 5000, name
 
 
 class Probe(pl.Callback):
