@@ -47,8 +47,10 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     import pytorch_lightning as pl
 
     from callbacks.step_seed import StepSeed
+    from lightning_modules.config_checks import check_config
     from lightning_modules.run_outputs import save_predictions, write_metrics
 
+    check_config(cfg)  # before any data is loaded
     out_dir = Path(cfg.paths.output_dir)
     seed = pl.seed_everything(cfg.seed, workers=True)  # None -> a random seed, logged
 
@@ -202,6 +204,33 @@ def resolved_config(cfg: DictConfig) -> dict:
     }
 
 
+def _completed_member(cfg: DictConfig) -> dict | None:
+    """In a re-launched multirun, the metrics of a member that already finished (else None)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if cfg.get("force") or cfg.task != "train" or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    done = Path(cfg.paths.output_dir) / "metrics.json"
+    last = done.parent / "checkpoints" / "last.ckpt"
+    if not done.is_file():
+        if last.is_file() and not cfg.get("ckpt_path"):  # interrupted: continue where it stopped
+            import time
+
+            from omegaconf import open_dict
+
+            log.info("Resuming the interrupted member %s from %s", done.parent, last)
+            with open_dict(cfg):
+                cfg.ckpt_path = str(last)
+                if cfg.get("logger") and cfg.logger.get("csv"):  # keep the earlier metrics.csv
+                    cfg.logger.csv.version = time.strftime("resume-%Y-%m-%d_%H-%M-%S")
+        return None
+    import json
+
+    log.info("Skipping %s: already complete (force=true re-runs it)", done.parent)
+    return json.loads(done.read_text())
+
+
 def _user_error(err: BaseException | None) -> UserError | None:
     """The UserError behind ``err`` (Hydra wraps errors raised while instantiating)."""
     seen = set()
@@ -217,8 +246,50 @@ def _scalars(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items()}
 
 
+def resume_argv(argv: list[str]) -> list[str]:
+    """Turn ``resume=<run dir>`` into the overrides that continue that run where it stopped.
+
+    The run's own overrides (``.hydra/overrides.yaml``) come first, so the composed config is
+    the original one; overrides given now come after them and win. The run continues in its own
+    directory from ``checkpoints/last.ckpt``; nothing already written is replaced: this launch's
+    Hydra files go to ``.hydra/resume-<time>/``, its CSV metrics to ``csv/resume-<time>/``.
+    """
+    given = [a for a in argv[1:] if a.startswith("resume=")]
+    if not given:
+        return argv
+    import time
+
+    import yaml
+
+    run_dir = Path(given[-1].split("=", 1)[1]).expanduser().resolve()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not saved.is_file() or not last.is_file():
+        raise UserError(
+            f"Cannot resume '{run_dir}': it needs .hydra/overrides.yaml and "
+            "checkpoints/last.ckpt. Give the directory of a training run that saved a checkpoint."
+        )
+    fixed = ("resume=", "ckpt_path=", "hydra.run.dir=", "hydra.output_subdir=")
+    original = [o for o in yaml.safe_load(saved.read_text()) or [] if not o.startswith(fixed)]
+    now = [a for a in argv[1:] if not a.startswith(fixed)]
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    extra = [
+        f"hydra.run.dir={run_dir}",
+        f"hydra.output_subdir=.hydra/resume-{stamp}",
+        f"ckpt_path={last}",
+    ]
+    if (run_dir / "csv").is_dir():
+        extra.append(f"logger.csv.version=resume-{stamp}")
+    log.info("Resuming %s from %s", run_dir, last)
+    return [argv[0], *original, *now, *extra]
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    done = _completed_member(cfg)
+    if done is not None:
+        metric = cfg.get("optimized_metric")
+        return done.get(metric) if metric else None
     try:
         metrics, _ = run_task(cfg)
     except Exception as err:
@@ -233,4 +304,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    try:
+        sys.argv = resume_argv(sys.argv)
+    except UserError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     main()

@@ -85,6 +85,7 @@ class ImageClassifier(pl.LightningModule):
         self.test_ece = MulticlassCalibrationError(num_classes, n_bins=ECE_BINS, norm="l1")
         self.train_loss, self.val_loss, self.test_nll = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # in checkpoints: a resumed run keeps its best so far
         self.test_outputs: dict[str, torch.Tensor] | None = None
         self._test_chunks: list[tuple[torch.Tensor, ...]] = []
 
@@ -107,10 +108,6 @@ class ImageClassifier(pl.LightningModule):
         return loss
 
     # ------------------------------------------------------------------ validation
-    def on_train_start(self) -> None:
-        # the sanity check must not count as the best epoch
-        self.val_acc_best.reset()
-
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y, _ = batch
         logits = self(x)
@@ -120,6 +117,8 @@ class ImageClassifier(pl.LightningModule):
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # a few batches: not an epoch, never the best one
+            return
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
 
