@@ -213,20 +213,32 @@ class ImageDataModule(pl.LightningDataModule):
     def _loader(self, split: str, *, train: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup()
+        dataset = self.datasets[split]
+        batch_size = self.batch_size if train else self.eval_batch_size
+        # a last training batch of one sample breaks BatchNorm: drop it (only that case)
+        drop_last = train and len(dataset) > batch_size and len(dataset) % batch_size == 1
+        if train and batch_size > len(dataset):
+            log.warning(
+                "data.batch_size=%d is larger than the %d training images: every epoch is a "
+                "single batch of %d.",
+                batch_size,
+                len(dataset),
+                len(dataset),
+            )
         sampler = None
         if train:  # order and augmentation fixed by (seed, epoch): exact resume
-            trainer = getattr(self, "trainer", None)
-            epoch = trainer.current_epoch if trainer is not None else 0
-            sampler = EpochSampler(len(self.datasets[split]), seed=self.seed, epoch=epoch)
+            sampler = EpochSampler(
+                len(self.datasets[split]), seed=self.seed, trainer=getattr(self, "trainer", None)
+            )
         return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size if train else self.eval_batch_size,
+            dataset,
+            batch_size=batch_size,
             sampler=sampler,
             shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            drop_last=False,
+            drop_last=drop_last,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -41,7 +41,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     killed = tmp_path / "killed"
     child = subprocess.Popen(
         [sys.executable, str(ROOT / "run.py"), *COMMON, f"hydra.run.dir={killed}"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     last = killed / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
@@ -69,7 +71,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 
 def test_resume_of_a_directory_without_checkpoint_is_a_clear_error(tmp_path):
     proc = run_cli(f"resume={tmp_path}")
-    assert proc.returncode == 2 and "Cannot resume" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        proc.returncode == 2 and "Cannot resume" in proc.stderr and "Traceback" not in proc.stderr
+    )
 
 
 def test_relaunched_multirun_runs_only_missing_members(tmp_path):
