@@ -44,12 +44,10 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         ``(metrics, objects)``: the final metrics (also in ``<run dir>/metrics.json``) and the
         instantiated ``cfg``, ``datamodule``, ``model`` and ``trainer``.
     """
-    import pytorch_lightning as pl
-
-    from lightning_modules.run_outputs import save_predictions, write_metrics
+    from lightning_modules.run_outputs import write_metrics
 
     out_dir = Path(cfg.paths.output_dir)
-    seed = pl.seed_everything(cfg.seed, workers=True)  # None -> a random seed, logged
+    seed = seed_run(cfg.seed)
 
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
@@ -64,6 +62,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if not loggers:
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
+    tta = tta_callback(cfg, datamodule)
+    callbacks += [tta] if tta else []
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(resolved_config(cfg))
@@ -85,20 +85,11 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     metrics["epochs"] = trainer.current_epoch
 
     if trainer.is_global_zero:
-        outputs = model.test_outputs
-        ids = datamodule.ids("test")
-        save_predictions(
-            out_dir,
-            "test",
-            probs=outputs["probs"].numpy(),
-            targets=outputs["targets"].numpy(),
-            ids=[ids[r] for r in outputs["rows"].tolist()],
-            class_names=datamodule.class_names,
-        )
+        save_test_results(out_dir, metrics, datamodule=datamodule, model=model, tta=tta)
         write_metrics(out_dir, metrics)
     summary = ", ".join(
         f"{k}={metrics[k]:.4f}"
-        for k in ("val/acc_best", "test/acc", "test/nll", "test/ece")
+        for k in ("val/acc_best", "test/acc", "test/nll", "test/ece", "test_tta/acc")
         if k in metrics
     )
     log.info("Seed %s: %s", seed, summary)
@@ -127,6 +118,47 @@ def run_task(cfg: DictConfig) -> tuple[dict, dict]:
 
 
 # ---------------------------------------------------------------------------- helpers
+SEED_RANGE = (0, 2**32 - 1)  # what NumPy accepts
+
+
+def seed_run(seed: int | None) -> int:
+    """Seed python, numpy, torch and data-loader workers; ``None`` draws a seed (and logs it)."""
+    import pytorch_lightning as pl
+
+    if seed is not None and not (isinstance(seed, int) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise UserError(
+            f"seed={seed} is not a valid seed: use an integer from {SEED_RANGE[0]} to "
+            f"{SEED_RANGE[1]}, or seed=null for a random one."
+        )
+    return pl.seed_everything(seed, workers=True)
+
+
+def tta_callback(cfg: DictConfig, datamodule):
+    """The callback that tests with ``cfg.tta`` as well, or None for ``tta=none``."""
+    if not cfg.get("tta"):
+        return None
+    tta = instantiate(cfg.tta, mirror_invariant=datamodule.mirror_invariant)
+    if not tta.enabled:
+        return None
+    from callbacks.test_time_augmentation import TestTimeAugmentationCallback
+
+    return TestTimeAugmentationCallback(tta)
+
+
+def save_test_results(out_dir: Path, metrics: dict, *, datamodule, model, tta=None) -> None:
+    """Write ``predictions/test.npz`` (and ``test_tta.npz``); add ``test/brier`` to ``metrics``."""
+    from lightning_modules.metrics import brier
+    from lightning_modules.run_outputs import save_test_outputs
+
+    ids, names = datamodule.ids("test"), datamodule.class_names
+    outputs = model.test_outputs
+    save_test_outputs(out_dir, "test", outputs, ids=ids, class_names=names)
+    metrics["test/brier"] = brier(outputs["probs"].numpy(), outputs["targets"].numpy())
+    if tta is not None and tta.outputs is not None:
+        save_test_outputs(out_dir, "test_tta", tta.outputs, ids=ids, class_names=names)
+        metrics["tta"] = tta.tta.mode
+
+
 def instantiate(conf, **kwargs):
     """``hydra.utils.instantiate``, re-raising a user mistake as the :class:`UserError` it is."""
     from hydra.utils import instantiate as hydra_instantiate
