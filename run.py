@@ -1,7 +1,8 @@
 """Train, evaluate and ensemble image classifiers: a thin Hydra shell around pure task functions.
 
     python run.py                          # train one model with conf/config.yaml
-    python run.py -m seed=1,2,3            # three seeds: a seed ensemble
+    python run.py -m seed=1,2,3            # three seeds, then the seed ensemble's report
+    python run.py task=ensemble ensemble.runs=<sweep dir or run dirs>      # report on old runs
     python run.py model.backbone=resnet50 data=folder data.root=~/pets
     python run.py --help                   # config groups and options
     python run.py --cfg job                # the composed config, without running
@@ -100,6 +101,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 # Imported only when chosen, so one task's dependencies never slow down another.
 TASKS = {
     "train": "run:train",
+    "ensemble": "lightning_modules.ensemble_report:ensemble_task",
 }
 
 
@@ -209,11 +211,35 @@ def _scalars(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items()}
 
 
+def _record_failure(cfg: DictConfig, err: Exception) -> float:
+    """A job of a multirun failed: log why, mark its run directory, let the sweep go on.
+
+    The sweep's end (``callbacks/failed_jobs.py``) names the failed jobs and exits non-zero.
+    """
+    import traceback
+
+    from lightning_modules.run_outputs import write_failure
+
+    user_error = _user_error(err)
+    if user_error is not None:
+        log.error("Job failed: %s", user_error)
+        write_failure(cfg.paths.output_dir, user_error)
+    else:
+        log.exception("Job failed: %s: %s", type(err).__name__, err)
+        write_failure(cfg.paths.output_dir, err, traceback_text=traceback.format_exc())
+    return float("nan")  # a sweeper sees a failed trial, not a crash
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     try:
         metrics, _ = run_task(cfg)
     except Exception as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return _record_failure(cfg, err)
         user_error = _user_error(err)
         if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
