@@ -2,6 +2,8 @@
 
     python run.py                          # train one model with conf/config.yaml
     python run.py -m seed=1,2,3            # three seeds, then the seed ensemble's report
+    python run.py task=eval ckpt_path=<run or sweep dir, checkpoint(s)>   # test (an ensemble)
+    python run.py task=predict predict.input=<image folder> ckpt_path=...  # -> predictions.csv
     python run.py task=ensemble ensemble.runs=<sweep dir or run dirs>      # report on old runs
     python run.py model.backbone=resnet50 data=folder data.root=~/pets
     python run.py --help                   # config groups and options
@@ -101,6 +103,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 # Imported only when chosen, so one task's dependencies never slow down another.
 TASKS = {
     "train": "run:train",
+    "eval": "lightning_modules.evaluate:evaluate",
+    "predict": "lightning_modules.predict:predict",
     "ensemble": "lightning_modules.ensemble_report:ensemble_task",
 }
 
