@@ -44,22 +44,21 @@ def reliability_figure(
             )
         bins = M.reliability(ensemble, targets)
         filled = bins["count"] > 0
+        x, y = bins["confidence"][filled], bins["accuracy"][filled]
         ax.plot(
-            bins["confidence"][filled],
-            bins["accuracy"][filled],
-            marker="o",
-            color="black",
-            linewidth=2.2,
-            label=f"ensemble (ECE {M.ece(ensemble, targets):.3f})",
+            x, y, color="black", linewidth=2, label=f"ensemble (ECE {M.ece(ensemble, targets):.3f})"
         )
+        # marker area grows with the bin's share of samples: nearly empty bins look it
+        share = bins["count"][filled] / bins["count"].sum()
+        ax.scatter(x, y, s=20 + 400 * share, color="black", zorder=3)
         ax.set(
             title=f"Reliability, {title}",
-            xlabel="confidence (mean of bin)",
+            xlabel="confidence (bin mean; dot area ∝ images)",
             ylabel="accuracy",
             xlim=(0, 1.01),
-            ylim=(0, 1.01),
+            ylim=(0, 1.03),
         )
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="lower right")
     fig.savefig(path, dpi=110)
     return path
 
