@@ -1,7 +1,10 @@
 """Train, evaluate and ensemble image classifiers: a thin Hydra shell around pure task functions.
 
     python run.py                          # train one model with conf/config.yaml
-    python run.py -m seed=1,2,3            # three seeds: a seed ensemble
+    python run.py -m seed=1,2,3            # three seeds, then the seed ensemble's report
+    python run.py task=eval ckpt_path=<run or sweep dir, checkpoint(s)>   # test (an ensemble)
+    python run.py task=predict predict.input=<image folder> ckpt_path=...  # -> predictions.csv
+    python run.py task=ensemble ensemble.runs=<sweep dir or run dirs>      # report on old runs
     python run.py model.backbone=resnet50 data=folder data.root=~/pets
     python run.py --help                   # config groups and options
     python run.py --cfg job                # the composed config, without running
@@ -44,15 +47,13 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         ``(metrics, objects)``: the final metrics (also in ``<run dir>/metrics.json``) and the
         instantiated ``cfg``, ``datamodule``, ``model`` and ``trainer``.
     """
-    import pytorch_lightning as pl
-
     from callbacks.step_seed import StepSeed
     from lightning_modules.config_checks import check_config
-    from lightning_modules.run_outputs import save_predictions, write_metrics
+    from lightning_modules.run_outputs import write_metrics
 
     check_config(cfg)  # before any data is loaded
     out_dir = Path(cfg.paths.output_dir)
-    seed = pl.seed_everything(cfg.seed, workers=True)  # None -> a random seed, logged
+    seed = seed_run(cfg.seed)
 
     datamodule = instantiate(cfg.data, seed=seed, _convert_="all")
     datamodule.prepare_data()
@@ -65,6 +66,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         callbacks.append(finetuning.make_callback())
     if not loggers:
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
+    tta = tta_callback(cfg, datamodule)
+    callbacks += [tta] if tta else []
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(resolved_config(cfg))
@@ -96,20 +99,11 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     metrics["finetune"] = finetuning.strategy
 
     if trainer.is_global_zero:
-        outputs = model.test_outputs
-        ids = datamodule.ids("test")
-        save_predictions(
-            out_dir,
-            "test",
-            probs=outputs["probs"].numpy(),
-            targets=outputs["targets"].numpy(),
-            ids=[ids[r] for r in outputs["rows"].tolist()],
-            class_names=datamodule.class_names,
-        )
+        save_test_results(out_dir, metrics, datamodule=datamodule, model=model, tta=tta)
         write_metrics(out_dir, metrics)
     summary = ", ".join(
         f"{k}={metrics[k]:.4f}"
-        for k in ("val/acc_best", "test/acc", "test/nll", "test/ece")
+        for k in ("val/acc_best", "test/acc", "test/nll", "test/ece", "test_tta/acc")
         if k in metrics
     )
     log.info("Seed %s: %s", seed, summary)
@@ -151,6 +145,9 @@ def _build_model(cfg: DictConfig, datamodule):
 # Imported only when chosen, so one task's dependencies never slow down another.
 TASKS = {
     "train": "run:train",
+    "eval": "lightning_modules.evaluate:evaluate",
+    "predict": "lightning_modules.predict:predict",
+    "ensemble": "lightning_modules.ensemble_report:ensemble_task",
 }
 
 
@@ -169,6 +166,47 @@ def run_task(cfg: DictConfig) -> tuple[dict, dict]:
 
 
 # ---------------------------------------------------------------------------- helpers
+SEED_RANGE = (0, 2**32 - 1)  # what NumPy accepts
+
+
+def seed_run(seed: int | None) -> int:
+    """Seed python, numpy, torch and data-loader workers; ``None`` draws a seed (and logs it)."""
+    import pytorch_lightning as pl
+
+    if seed is not None and not (isinstance(seed, int) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise UserError(
+            f"seed={seed} is not a valid seed: use an integer from {SEED_RANGE[0]} to "
+            f"{SEED_RANGE[1]}, or seed=null for a random one."
+        )
+    return pl.seed_everything(seed, workers=True)
+
+
+def tta_callback(cfg: DictConfig, datamodule):
+    """The callback that tests with ``cfg.tta`` as well, or None for ``tta=none``."""
+    if not cfg.get("tta"):
+        return None
+    tta = instantiate(cfg.tta, mirror_invariant=datamodule.mirror_invariant)
+    if not tta.enabled:
+        return None
+    from callbacks.test_time_augmentation import TestTimeAugmentationCallback
+
+    return TestTimeAugmentationCallback(tta)
+
+
+def save_test_results(out_dir: Path, metrics: dict, *, datamodule, model, tta=None) -> None:
+    """Write ``predictions/test.npz`` (and ``test_tta.npz``); add ``test/brier`` to ``metrics``."""
+    from lightning_modules.metrics import brier
+    from lightning_modules.run_outputs import save_test_outputs
+
+    ids, names = datamodule.ids("test"), datamodule.class_names
+    outputs = model.test_outputs
+    save_test_outputs(out_dir, "test", outputs, ids=ids, class_names=names)
+    metrics["test/brier"] = brier(outputs["probs"].numpy(), outputs["targets"].numpy())
+    if tta is not None and tta.outputs is not None:
+        save_test_outputs(out_dir, "test_tta", tta.outputs, ids=ids, class_names=names)
+        metrics["tta"] = tta.tta.mode
+
+
 def instantiate(conf, **kwargs):
     """``hydra.utils.instantiate``, re-raising a user mistake as the :class:`UserError` it is."""
     from hydra.utils import instantiate as hydra_instantiate
@@ -284,8 +322,30 @@ def resume_argv(argv: list[str]) -> list[str]:
     return [argv[0], *original, *now, *extra]
 
 
+def _record_failure(cfg: DictConfig, err: Exception) -> float:
+    """A job of a multirun failed: log why, mark its run directory, let the sweep go on.
+
+    The sweep's end (``callbacks/failed_jobs.py``) names the failed jobs and exits non-zero.
+    """
+    import traceback
+
+    from lightning_modules.run_outputs import write_failure
+
+    user_error = _user_error(err)
+    if user_error is not None:
+        log.error("Job failed: %s", user_error)
+        write_failure(cfg.paths.output_dir, user_error)
+    else:
+        log.exception("Job failed: %s: %s", type(err).__name__, err)
+        write_failure(cfg.paths.output_dir, err, traceback_text=traceback.format_exc())
+    return float("nan")  # a sweeper sees a failed trial, not a crash
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     done = _completed_member(cfg)
     if done is not None:
         metric = cfg.get("optimized_metric")
@@ -293,6 +353,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics, _ = run_task(cfg)
     except Exception as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return _record_failure(cfg, err)
         user_error = _user_error(err)
         if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -145,21 +145,8 @@ class ImageClassifier(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         if not self._test_chunks:
             return
-        probs, targets, rows = (torch.cat(parts) for parts in zip(*self._test_chunks, strict=True))
-        self._test_chunks = []
-        if self.trainer.world_size > 1:  # every rank's rows (equal sizes: the sampler pads)
-            probs, targets, rows = (
-                self.all_gather(t).flatten(0, 1) for t in (probs, targets, rows)
-            )
-        order = torch.argsort(rows, stable=True)
-        probs, targets, rows = probs[order], targets[order], rows[order]
-        first = torch.ones_like(rows, dtype=torch.bool)
-        first[1:] = rows[1:] != rows[:-1]  # drop the distributed sampler's padding repeats
-        self.test_outputs = {
-            "probs": probs[first].cpu(),
-            "targets": targets[first].cpu(),
-            "rows": rows[first].cpu(),
-        }
+        chunks, self._test_chunks = self._test_chunks, []
+        self.test_outputs = gather_by_row(self, *chunks)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -235,3 +222,21 @@ class ImageClassifier(pl.LightningModule):
                     }
                 )
         return out
+
+
+def gather_by_row(
+    module: pl.LightningModule, *chunks: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per-batch ``(probs, targets, rows)`` of every rank, in row order, on the CPU.
+
+    The distributed sampler pads the last batches with repeated rows: those repeats are dropped.
+    Returns ``{"probs": (N, C), "targets": (N,), "rows": (N,)}``.
+    """
+    probs, targets, rows = (torch.cat(parts) for parts in zip(*chunks, strict=True))
+    if module.trainer.world_size > 1:  # every rank's rows (equal sizes: the sampler pads)
+        probs, targets, rows = (module.all_gather(t).flatten(0, 1) for t in (probs, targets, rows))
+    order = torch.argsort(rows, stable=True)
+    probs, targets, rows = probs[order], targets[order], rows[order]
+    first = torch.ones_like(rows, dtype=torch.bool)
+    first[1:] = rows[1:] != rows[:-1]  # drop the distributed sampler's padding repeats
+    return {"probs": probs[first].cpu(), "targets": targets[first].cpu(), "rows": rows[first].cpu()}

@@ -60,3 +60,25 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None =
 @pytest.fixture
 def cfg_factory(tmp_path):
     return lambda *overrides, **kw: compose_cfg(tmp_path, list(overrides), **kw)
+
+
+@pytest.fixture(scope="session")
+def seed_sweep(tmp_path_factory):
+    """A real ``python run.py -m seed=1,2,-1`` of tiny members: jobs 0 and 1 finish (seeds 1
+    and 2, with checkpoints, test and TTA predictions); job 2 fails (seed -1 is out of range).
+
+    Returns ``(sweep dir, CompletedProcess)``.
+    """
+    tmp = tmp_path_factory.mktemp("seed_sweep")
+    proc = run_cli(
+        "-m",
+        "seed=1,2,-1",
+        *FAST,
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.num_sanity_val_steps=0",
+        f"paths.log_dir={tmp}",
+        f"hydra.sweep.dir={tmp}/sweep",
+        timeout=300,
+    )
+    return tmp / "sweep", proc
