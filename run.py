@@ -91,8 +91,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     if best is None:
         log.warning("No best checkpoint (no ModelCheckpoint callback): testing the final weights.")
-    trainer.test(model, datamodule=fit_data, ckpt_path=best, weights_only=True)
-    model.inputs = "images"
+    model.inputs = "images"  # test on images (with TTA) even when the head trained on features
+    trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
     metrics.update(_scalars(trainer.callback_metrics))
     metrics["best_ckpt"] = str(Path(best).relative_to(out_dir)) if best else None
     metrics["epochs"] = trainer.current_epoch
