@@ -109,6 +109,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 # Imported only when chosen, so one task's dependencies never slow down another.
 TASKS = {
     "train": "run:train",
+    "preview_augment": "datamodules.preview:preview_augment",
 }
 
 

@@ -244,18 +244,30 @@ class ImageDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ PCA colour jitter
     def _setup_color_pca(self, pool: Pool, rows: np.ndarray) -> None:
-        """Resolve ``augment.pca``: the ImageNet constants, or a (cached) fit on ``rows``."""
+        """Resolve ``augment.pca`` when it is on: the colour PCA and the on-device step."""
         options = self.augment_options["pca"]
         if options["sigma"] <= 0:
             return
-        if options["eigen"] == "imagenet":
-            self.color_pca = ColorPCA.imagenet()
-        else:
-            self.color_pca = self._fit_color_pca(pool, rows, options)
+        self.color_pca = self.resolve_color_pca(pool, rows)
         if options["where"] == "device":
             self.batch_augment = BatchPCAJitter(
                 self.color_pca, sigma=options["sigma"], mean=self.mean, std=self.std
             )
+
+    def resolve_color_pca(self, pool: Pool | None = None, rows: np.ndarray | None = None):
+        """The :class:`ColorPCA` that ``augment.pca.eigen`` asks for, even with ``sigma=0``.
+
+        ``imagenet``: AlexNet's constants. ``fit``: fitted on the training split (``pool`` and
+        ``rows``, by default those of :meth:`setup`), loaded from the cache when it is there.
+        """
+        options = self.augment_options["pca"]
+        if options["eigen"] == "imagenet":
+            return ColorPCA.imagenet()
+        if pool is None:
+            if "train" not in self.datasets:
+                self.setup()
+            pool, rows = self.datasets["train"].pool, self.datasets["train"].indices
+        return self._fit_color_pca(pool, rows, options)
 
     def _fit_color_pca(self, pool: Pool, rows: np.ndarray, options: Mapping) -> ColorPCA:
         """Colour PCA of (a sample of) the training images at the eval geometry, in [0, 1]."""
