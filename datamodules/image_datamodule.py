@@ -319,7 +319,8 @@ class ImageDataModule(pl.LightningDataModule):
         if self.batch_augment is None or trainer is None or not trainer.training:
             return batch
         x, *rest = batch
-        return (self.batch_augment(x, seed=self._next_batch_seed()), *rest)
+        # in place: the batch is a fresh tensor from the loader (or from the device transfer)
+        return (self.batch_augment(x, seed=self._next_batch_seed(), inplace=True), *rest)
 
     def _next_batch_seed(self) -> int:
         trainer = self.trainer
