@@ -148,6 +148,7 @@ TASKS = {
     "eval": "lightning_modules.evaluate:evaluate",
     "predict": "lightning_modules.predict:predict",
     "ensemble": "lightning_modules.ensemble_report:ensemble_task",
+    "preview_augment": "datamodules.preview:preview_augment",
 }
 
 

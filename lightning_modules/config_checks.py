@@ -42,7 +42,12 @@ RULES: list[tuple[str, Callable[[object], bool], str, str]] = [
     ("data.split_seed", lambda v: _is_int(v), "a whole number", "0"),
     ("data.val_fraction", lambda v: _is_num(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.15"),
     ("data.test_fraction", lambda v: _is_num(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.15"),
-    ("data.image_size", lambda v: _is_int(v) and v >= 8, "a whole number of pixels >= 8", "224"),
+    (
+        "data.image_size",
+        lambda v: v is None or (_is_int(v) and v >= 8),
+        "null (the backbone's) or a whole number of pixels >= 8",
+        "224",
+    ),
     (
         "data.max_per_class",
         lambda v: v is None or (_is_int(v) and v >= 1),
