@@ -99,11 +99,25 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     metrics["finetune"] = finetuning.strategy
 
     if trainer.is_global_zero:
-        save_test_results(out_dir, metrics, datamodule=datamodule, model=model, tta=tta)
+        if getattr(datamodule, "tasks", None) is not None:  # multi-task: a file per task
+            from lightning_modules.multitask import save_task_predictions
+
+            ids = datamodule.ids("test")
+            save_task_predictions(out_dir, "test", model.test_outputs, ids=ids, tasks=model.tasks)
+        else:
+            save_test_results(out_dir, metrics, datamodule=datamodule, model=model, tta=tta)
         write_metrics(out_dir, metrics)
     summary = ", ".join(
         f"{k}={metrics[k]:.4f}"
-        for k in ("val/acc_best", "test/acc", "test/nll", "test/ece", "test_tta/acc")
+        for k in (
+            "val/acc_best",
+            "test/acc",
+            "test/nll",
+            "test/ece",
+            "test_tta/acc",
+            "val/score_best",
+            "test/score",
+        )
         if k in metrics
     )
     log.info("Seed %s: %s", seed, summary)
@@ -122,13 +136,7 @@ def _build_model(cfg: DictConfig, datamodule):
         pretrained = False  # scratch means random init: don't download what won't be used
     else:
         pretrained = bool(cfg.model.get("pretrained"))
-    model = instantiate(
-        cfg.model,
-        num_classes=datamodule.num_classes,
-        class_names=datamodule.class_names,
-        pretrained=pretrained,
-        _convert_="all",
-    )
+    model = instantiate(cfg.model, **_data_kwargs(cfg, datamodule), pretrained=pretrained)
     finetuning = build_finetuning(
         cfg.finetune,
         has_weights=has_weights,
@@ -141,6 +149,33 @@ def _build_model(cfg: DictConfig, datamodule):
     return model, finetuning
 
 
+def _data_kwargs(cfg: DictConfig, datamodule) -> dict:
+    """What the model learns from the data: classes, or the tasks of multi-task data."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    tasks = getattr(datamodule, "tasks", None)
+    takes_tasks = "tasks" in inspect.signature(get_class(cfg.model._target_)).parameters
+    if takes_tasks and tasks is None:
+        raise UserError(
+            "A multi-task model needs a label column per task: use data=csv (or "
+            "experiment=multitask), or model=classifier for this data."
+        )
+    if tasks is not None and not takes_tasks:
+        raise UserError(
+            f"This data has several tasks ({', '.join(tasks)}): use model=multitask, whose "
+            "heads and losses follow them."
+        )
+    if tasks is not None:
+        return {"tasks": tasks, "_convert_": "all"}
+    return {
+        "num_classes": datamodule.num_classes,
+        "class_names": datamodule.class_names,
+        "_convert_": "all",
+    }
+
+
 # task name -> "module:function"; each takes the composed cfg and returns (metrics, objects).
 # Imported only when chosen, so one task's dependencies never slow down another.
 TASKS = {
@@ -149,6 +184,7 @@ TASKS = {
     "predict": "lightning_modules.predict:predict",
     "ensemble": "lightning_modules.ensemble_report:ensemble_task",
     "preview_augment": "datamodules.preview:preview_augment",
+    "visualize": "lightning_modules.visualize:visualize",
 }
 
 

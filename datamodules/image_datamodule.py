@@ -79,6 +79,8 @@ class ImageDataModule(pl.LightningDataModule):
     ``where=device``, on whole training batches in :meth:`on_after_batch_transfer`.
     """
 
+    dataset_class = SplitDataset  # what each split is made of (subclasses change the targets)
+
     def __init__(
         self,
         *,
@@ -198,7 +200,7 @@ class ImageDataModule(pl.LightningDataModule):
                 continue
             pool = pools[split]
             tf = transforms["train" if split == "train" else "eval"]
-            self.datasets[split] = SplitDataset(
+            self.datasets[split] = self.dataset_class(
                 pool, indices[split], targets[split], tf, seed=self.seed
             )
             self._ids[split] = [pool.ids[i] for i in indices[split]]

@@ -7,7 +7,11 @@ def __getattr__(name: str):
         from lightning_modules.image_classifier import ImageClassifier
 
         return ImageClassifier
+    if name == "MultiTaskModel":
+        from lightning_modules.multitask import MultiTaskModel
+
+        return MultiTaskModel
     raise AttributeError(name)
 
 
-__all__ = ["ImageClassifier"]
+__all__ = ["ImageClassifier", "MultiTaskModel"]

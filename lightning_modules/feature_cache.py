@@ -105,7 +105,8 @@ class FeatureDataset(Dataset):
     """``(feature, target, row)`` items, keyed like the image datasets (``(epoch, row)`` too)."""
 
     def __init__(self, features: torch.Tensor, targets) -> None:
-        self.features, self.targets = features, torch.as_tensor(targets, dtype=torch.long)
+        # class indices (int64), or multi-task label vectors (float32, NaN = no label)
+        self.features, self.targets = features, torch.as_tensor(targets)
 
     def __len__(self) -> int:
         return len(self.features)
@@ -122,7 +123,8 @@ class FeatureDataModule(pl.LightningDataModule):
         super().__init__()
         self.dm = image_datamodule
         self.datasets = {
-            s: FeatureDataset(features[s], image_datamodule.datasets[s].targets) for s in SPLITS
+            s: FeatureDataset(features[s], _batch_targets(image_datamodule.datasets[s]))
+            for s in SPLITS
         }
 
     def train_dataloader(self) -> DataLoader:
@@ -135,3 +137,9 @@ class FeatureDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.datasets["test"], batch_size=self.dm.eval_batch_size)
+
+
+def _batch_targets(dataset):
+    """What the image dataset puts in batches as targets: label vectors or class indices."""
+    labels = getattr(dataset, "labels", None)
+    return labels if labels is not None else dataset.targets

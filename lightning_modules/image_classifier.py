@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
@@ -12,7 +11,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from lightning_modules.backbone import create_backbone
-from lightning_modules.errors import UserError
+from lightning_modules.optimization import configure_layer_optimizers, layer_param_groups
 
 ECE_BINS = 15  # equal-width bins, as in Guo et al. 2017
 
@@ -155,73 +154,11 @@ class ImageClassifier(pl.LightningModule):
         With a fine-tuning plan (set by ``callbacks.ProgressiveUnfreeze``), each layer group's LR
         is ``lr × its multiplier × schedule(step)``, gated to 0 until the group is unfrozen.
         """
-        import inspect
-
-        if self.optimizer_factory is None:
-            raise RuntimeError("ImageClassifier needs an optimizer partial to train")
-        groups = self.param_groups()
-        optimizer = self.optimizer_factory(params=groups)
-        for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * group.get("lr_mult", 1.0)
-        if self.scheduler_factory is None:
-            return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        kwargs = {"total_steps": total}
-        if self.finetune_plan is not None:
-            if "group_starts" not in inspect.signature(self.scheduler_factory).parameters:
-                raise UserError(
-                    "Progressive unfreezing gates each layer group's LR through the schedule, "
-                    "and the configured model.scheduler cannot: use "
-                    "lightning_modules.schedules.warmup_cosine (the default)."
-                )
-            epochs = max(1, int(self.trainer.max_epochs or 1))
-            starts = self.finetune_plan.starts(steps_per_epoch=math.ceil(total / epochs))
-            kwargs["group_starts"] = [starts[g["layer_group"]] for g in groups]
-        scheduler = self.scheduler_factory(optimizer, **kwargs)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
+        return configure_layer_optimizers(self, self.param_groups())
 
     def param_groups(self) -> list[dict]:
-        """Optimizer parameter groups, named for the LR monitor.
-
-        Without a fine-tuning plan: ``decay`` and ``no_decay`` (biases and norm parameters, no
-        weight decay). With one: the same split for every layer group (``layer3``,
-        ``layer3/no_decay``, ...), each with its ``lr_mult`` and ``layer_group`` index.
-        """
-        plan = self.finetune_plan
-        layer_groups = plan.groups if plan is not None else None
-        named = dict(self.net.named_parameters())
-        sets = (
-            [
-                (g.name, [named[n] for n in g.param_names], m)
-                for g, m in zip(layer_groups, plan.lr_mults, strict=True)
-            ]
-            if layer_groups is not None
-            else [("", list(named.values()), 1.0)]
-        )
-        out = []
-        for index, (name, params, mult) in enumerate(sets):
-            decay = [p for p in params if p.ndim > 1]
-            no_decay = [p for p in params if p.ndim <= 1]
-            for suffix, members, extra in (
-                ("", decay, {}),
-                ("no_decay", no_decay, {"weight_decay": 0.0}),
-            ):
-                if not members:
-                    continue
-                label = "/".join(x for x in (name, suffix) if x) or "decay"
-                out.append(
-                    {
-                        "params": members,
-                        "name": label,
-                        "lr_mult": mult,
-                        "layer_group": index,
-                        **extra,
-                    }
-                )
-        return out
+        """Optimizer parameter groups (``lightning_modules.optimization.layer_param_groups``)."""
+        return layer_param_groups(self.net, self.finetune_plan)
 
 
 def gather_by_row(

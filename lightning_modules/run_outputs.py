@@ -95,6 +95,30 @@ def save_predictions(
     return path
 
 
+def save_regression_predictions(
+    run_dir: str | Path, split: str, *, preds: np.ndarray, targets: np.ndarray, ids: list[str]
+) -> Path:
+    """``predictions/<split>.npz`` of a regression task: ``preds``, ``targets`` (N) and ``ids``."""
+    preds = np.asarray(preds, dtype=np.float32).reshape(-1)
+    if len(preds) != len(targets) or len(ids) != len(targets):
+        raise ValueError(
+            f"{len(preds)} predictions do not match {len(targets)} targets and {len(ids)} ids"
+        )
+    path = Path(run_dir) / PREDICTIONS_DIR / f"{split}.npz"
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(
+                fh,
+                preds=preds,
+                targets=np.asarray(targets, dtype=np.float32),
+                ids=np.asarray(ids, dtype=str),
+            )
+
+    _atomic_write(path, write)
+    return path
+
+
 def load_predictions(run_dir: str | Path, split: str = "test") -> dict[str, np.ndarray]:
     """The arrays of ``predictions/<split>.npz`` (no pickled objects are ever loaded)."""
     path = Path(run_dir) / PREDICTIONS_DIR / f"{split}.npz"

@@ -46,18 +46,21 @@ def test_every_config_option_composes_and_resolves(tmp_path, group, option):
     from omegaconf import OmegaConf
 
     required = {
-        "folder": ["data.root=/some/images"],
-        "transfer_finetune": ["model.weights=/w.ckpt"],
+        "data/folder": ["data.root=/some/images"],
+        "data/csv": ["data.root=/some/labels.csv", "data.source.tasks={age: regression}"],
+        "experiment/transfer_finetune": ["model.weights=/w.ckpt"],
     }
-    extra = required.get(option, [])
+    extra = required.get(f"{group}/{option}", [])
     cfg = compose_cfg(tmp_path, [f"{group}={option}", *extra], fast=False)
     resolved = {
         key: OmegaConf.to_container(cfg[key], resolve=True, throw_on_missing=True)
         for key in cfg
         if key != "hydra" and OmegaConf.is_config(cfg[key])
     }
-    assert resolved["data"]["_target_"] == "datamodules.ImageDataModule"
-    assert resolved["model"]["_target_"] == "lightning_modules.ImageClassifier"
+    data_targets = ("datamodules.ImageDataModule", "datamodules.MultiTaskDataModule")
+    model_targets = ("lightning_modules.ImageClassifier", "lightning_modules.MultiTaskModel")
+    assert resolved["data"]["_target_"] in data_targets
+    assert resolved["model"]["_target_"] in model_targets
 
 
 def test_seed_zero_is_kept(tmp_path):

@@ -17,11 +17,14 @@ class Pool:
         targets: class index of every image, int64.
         ids: a stable, unique id per image (a relative path, ``"train/123"``, ...): predictions of
             different runs are matched by these ids.
+        labels: multi-task sources only: ``(N, T)`` float32, one column per task, NaN = no
+            label (``targets`` is then the class used to stratify the splits).
     """
 
     load: Callable[[int], object]
     targets: np.ndarray
     ids: Sequence[str]
+    labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.targets)

@@ -1,0 +1,84 @@
+"""Optimizer and LR schedule over a network's layer groups, shared by every LightningModule here.
+
+A module that trains a timm network ``net`` (``ImageClassifier``, ``MultiTaskModel``) gets its
+parameter groups from :func:`layer_param_groups` and its optimizer from
+:func:`configure_layer_optimizers`. With a fine-tuning plan (``module.finetune_plan``, set by
+``callbacks.ProgressiveUnfreeze``) every layer group is in the optimizer from the first step with
+its own LR multiplier, and the schedule gates each group's LR to 0 until it is unfrozen.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+from lightning_modules.errors import UserError
+
+
+def layer_param_groups(net: torch.nn.Module, plan=None) -> list[dict]:
+    """Optimizer parameter groups of ``net``, named for the LR monitor.
+
+    Without a plan: ``decay`` and ``no_decay`` (biases and norm parameters, no weight decay).
+    With one: the same split for every layer group (``layer3``, ``layer3/no_decay``, ...), each
+    with its ``lr_mult`` and ``layer_group`` index.
+    """
+    named = dict(net.named_parameters())
+    sets = (
+        [
+            (g.name, [named[n] for n in g.param_names], m)
+            for g, m in zip(plan.groups, plan.lr_mults, strict=True)
+        ]
+        if plan is not None
+        else [("", list(named.values()), 1.0)]
+    )
+    out = []
+    for index, (name, params, mult) in enumerate(sets):
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        for suffix, members, extra in (
+            ("", decay, {}),
+            ("no_decay", no_decay, {"weight_decay": 0.0}),
+        ):
+            if not members:
+                continue
+            label = "/".join(x for x in (name, suffix) if x) or "decay"
+            out.append(
+                {"params": members, "name": label, "lr_mult": mult, "layer_group": index, **extra}
+            )
+    return out
+
+
+def configure_layer_optimizers(module, groups: list[dict]):
+    """``module.optimizer_factory`` over ``groups`` and ``module.scheduler_factory``'s schedule.
+
+    Each group's LR is ``lr × its lr_mult``; with ``module.finetune_plan`` the schedule also gets
+    every group's start step (``group_starts``), so frozen groups keep an LR of exactly 0.
+    """
+    if module.optimizer_factory is None:
+        raise RuntimeError(f"{type(module).__name__} needs an optimizer partial to train")
+    optimizer = module.optimizer_factory(params=groups)
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * group.get("lr_mult", 1.0)
+    if module.scheduler_factory is None:
+        return optimizer
+    trainer = module.trainer
+    total = int(trainer.estimated_stepping_batches)
+    kwargs = {"total_steps": total}
+    plan = module.finetune_plan
+    if plan is not None:
+        if "group_starts" not in inspect.signature(module.scheduler_factory).parameters:
+            raise UserError(
+                "Progressive unfreezing gates each layer group's LR through the schedule, "
+                "and the configured model.scheduler cannot: use "
+                "lightning_modules.schedules.warmup_cosine (the default)."
+            )
+        epochs = max(1, int(trainer.max_epochs or 1))
+        starts = plan.starts(steps_per_epoch=math.ceil(total / epochs))
+        kwargs["group_starts"] = [starts[g["layer_group"]] for g in groups]
+    scheduler = module.scheduler_factory(optimizer, **kwargs)
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+    }
