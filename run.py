@@ -192,14 +192,11 @@ def _instantiate_all(group: DictConfig | None) -> list:
 
 
 def resolved_config(cfg: DictConfig) -> dict:
-    """The job's config as plain python, interpolations resolved, Hydra's own node left out."""
-    return {
-        key: OmegaConf.to_container(cfg[key], resolve=True)
-        if OmegaConf.is_config(cfg[key])
-        else cfg[key]
-        for key in cfg
-        if key != "hydra"
-    }
+    """The job's config as plain python, interpolations resolved, Hydra's own node left out,
+    environment variables never read into it and secrets masked (what loggers record)."""
+    from lightning_modules.tracking import loggable_config
+
+    return loggable_config(cfg)
 
 
 def _user_error(err: BaseException | None) -> UserError | None:
