@@ -13,6 +13,7 @@ by the task that needs them, so ``--help`` and ``--cfg`` answer at once.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import uuid
@@ -160,7 +161,9 @@ def run_task(cfg: DictConfig) -> tuple[dict, dict]:
     if target is None:
         raise UserError(f"Unknown task '{cfg.task}': choose one of {', '.join(TASKS)}.")
     module, _, name = target.partition(":")
-    task = globals()[name] if module in ("run", "__main__") else None
+    # in a joblib/submitit worker this function arrives pickled, without run.py's globals:
+    # then `run` is imported like any other module
+    task = globals().get(name) if module in ("run", "__main__") else None
     if task is None:
         task = getattr(importlib.import_module(module), name)
     return task(cfg)
@@ -225,8 +228,14 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", user_error)
         print(f"Error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
-    metric = cfg.get("optimized_metric")
-    return metrics.get(metric) if metric else None
+    return objective(metrics, cfg.get("optimized_metric"))
+
+
+def objective(metrics: dict, metric: str | None) -> float | None:
+    """The value returned to a sweeper: ``metrics[metric]``, or None when it is missing or not
+    finite. Optuna records None as a failed trial and goes on; a NaN would end the search."""
+    value = metrics.get(metric) if metric else None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 if __name__ == "__main__":
