@@ -11,7 +11,8 @@
 - :func:`wandb_logger` and :func:`mlflow_logger` build Lightning loggers with those labels.
 - :func:`loggable_config` is the config every logger records: resolved, but never with the value
   of an environment variable, and with secrets masked.
-- :func:`log_report_to_wandb` logs a finished ensemble report folder as a run of its own.
+- :func:`log_report_to_wandb` logs a finished ensemble report folder as a run of its own in the
+  members' group (:func:`wandb_report_options` gives its arguments from the multirun's config).
 
 Importing this module imports neither wandb nor Lightning.
 """
@@ -385,6 +386,23 @@ def log_report_to_wandb(
         finally:
             run.finish()
     return run_dirs
+
+
+def wandb_report_options(config: DictConfig) -> dict | None:
+    """Keyword arguments of :func:`log_report_to_wandb` for a finished multirun's ``config``
+    (its members' group, the wandb logger's project, entity, mode and settings), or None when
+    wandb is not among its loggers."""
+    wandb = OmegaConf.select(config, "logger.wandb", default=None)
+    if not wandb:
+        return None
+    options = {
+        key: OmegaConf.to_container(wandb[key], resolve=True)
+        if OmegaConf.is_config(wandb[key])
+        else wandb[key]
+        for key in ("project", "entity", "mode", "settings")
+        if key in wandb
+    }
+    return {"group": Path(str(config.hydra.sweep.dir)).name, **options}
 
 
 def _report_splits(report: Mapping) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict, read_write
 
 from lightning_modules.errors import UserError
 from lightning_modules.run_outputs import read_metrics
@@ -19,6 +19,7 @@ from lightning_modules.tracking import (
     loggable_config,
     run_labels,
     wandb_mode,
+    wandb_report_options,
 )
 from tests.conftest import FAST, run_cli
 
@@ -191,7 +192,6 @@ def test_loggable_config_resolves_but_never_reads_the_environment(monkeypatch):
 def test_run_labels_name_the_sweep_setting_and_seed(cfg_factory):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from omegaconf import open_dict, read_write
 
     cfg = cfg_factory()
     with read_write(cfg.hydra), open_dict(cfg):
@@ -317,3 +317,16 @@ def test_log_report_to_wandb_logs_each_report_as_an_ensemble_run_of_the_group(tm
 def test_log_report_to_wandb_without_a_report_says_what_to_give(tmp_path):
     with pytest.raises(UserError, match="No report.json in"):
         log_report_to_wandb(tmp_path, "g", mode="offline")
+
+
+def test_wandb_report_options_put_the_report_in_the_members_group(tmp_path):
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(tmp_path, ["logger=default", "logger.wandb.project=pets"])
+    with read_write(cfg.hydra), open_dict(cfg):
+        cfg.hydra.sweep.dir = str(tmp_path / "multiruns" / "2025-01-02_03-04-05_abc123")
+    options = wandb_report_options(cfg)
+    assert options["group"] == "2025-01-02_03-04-05_abc123"  # = run_labels().group in a multirun
+    assert options["project"] == "pets" and options["mode"] is None
+    assert options["settings"]["x_save_requirements"] is False
+    assert wandb_report_options(compose_cfg(tmp_path, ["logger=csv"])) is None
