@@ -16,6 +16,7 @@ by the task that needs them, so ``--help`` and ``--cfg`` answer at once.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import uuid
@@ -196,7 +197,9 @@ def run_task(cfg: DictConfig) -> tuple[dict, dict]:
     if target is None:
         raise UserError(f"Unknown task '{cfg.task}': choose one of {', '.join(TASKS)}.")
     module, _, name = target.partition(":")
-    task = globals()[name] if module in ("run", "__main__") else None
+    # in a joblib/submitit worker this function arrives pickled, without run.py's globals:
+    # then `run` is imported like any other module
+    task = globals().get(name) if module in ("run", "__main__") else None
     if task is None:
         task = getattr(importlib.import_module(module), name)
     return task(cfg)
@@ -269,14 +272,11 @@ def _instantiate_all(group: DictConfig | None) -> list:
 
 
 def resolved_config(cfg: DictConfig) -> dict:
-    """The job's config as plain python, interpolations resolved, Hydra's own node left out."""
-    return {
-        key: OmegaConf.to_container(cfg[key], resolve=True)
-        if OmegaConf.is_config(cfg[key])
-        else cfg[key]
-        for key in cfg
-        if key != "hydra"
-    }
+    """The job's config as plain python, interpolations resolved, Hydra's own node left out,
+    environment variables never read into it and secrets masked (what loggers record)."""
+    from lightning_modules.tracking import loggable_config
+
+    return loggable_config(cfg)
 
 
 def _completed_member(cfg: DictConfig) -> dict | None:
@@ -359,7 +359,7 @@ def resume_argv(argv: list[str]) -> list[str]:
     return [argv[0], *original, *now, *extra]
 
 
-def _record_failure(cfg: DictConfig, err: Exception) -> float:
+def _record_failure(cfg: DictConfig, err: Exception) -> None:
     """A job of a multirun failed: log why, mark its run directory, let the sweep go on.
 
     The sweep's end (``callbacks/failed_jobs.py``) names the failed jobs and exits non-zero.
@@ -375,7 +375,6 @@ def _record_failure(cfg: DictConfig, err: Exception) -> float:
     else:
         log.exception("Job failed: %s: %s", type(err).__name__, err)
         write_failure(cfg.paths.output_dir, err, traceback_text=traceback.format_exc())
-    return float("nan")  # a sweeper sees a failed trial, not a crash
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -385,21 +384,27 @@ def main(cfg: DictConfig) -> float | None:
 
     done = _completed_member(cfg)
     if done is not None:
-        metric = cfg.get("optimized_metric")
-        return done.get(metric) if metric else None
+        return objective(done, cfg.get("optimized_metric"))
     try:
         metrics, _ = run_task(cfg)
     except Exception as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            return _record_failure(cfg, err)
+            _record_failure(cfg, err)
+            return None  # a failed trial for a sweeper, not the end of the sweep
         user_error = _user_error(err)
         if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("%s", user_error)
         print(f"Error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
-    metric = cfg.get("optimized_metric")
-    return metrics.get(metric) if metric else None
+    return objective(metrics, cfg.get("optimized_metric"))
+
+
+def objective(metrics: dict, metric: str | None) -> float | None:
+    """The value returned to a sweeper: ``metrics[metric]``, or None when it is missing or not
+    finite. Optuna records None as a failed trial and goes on; a NaN would end the search."""
+    value = metrics.get(metric) if metric else None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 if __name__ == "__main__":

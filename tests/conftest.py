@@ -22,6 +22,7 @@ FAST = [
     "trainer.max_epochs=1",
     "~callbacks.rich_progress_bar",
     "~callbacks.rich_model_summary",
+    "logger=csv",
 ]
 
 
@@ -55,6 +56,18 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None =
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_trackers(tmp_path_factory):
+    """Trackers never reach the network or the user's home: wandb offline, its files in tmp."""
+    base = tmp_path_factory.mktemp("trackers")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        patch.setenv(var, str(base / var.lower()))
+    yield
+    patch.undo()
 
 
 @pytest.fixture
