@@ -225,7 +225,11 @@ def tta_callback(cfg: DictConfig, datamodule):
     """The callback that tests with ``cfg.tta`` as well, or None for ``tta=none``."""
     if not cfg.get("tta"):
         return None
-    tta = instantiate(cfg.tta, mirror_invariant=datamodule.mirror_invariant)
+    tta = instantiate(
+        cfg.tta,
+        mirror_invariant=datamodule.mirror_invariant,
+        interpolation=datamodule.interpolation,  # resolved (the backbone's when data says null)
+    )
     if not tta.enabled:
         return None
     from callbacks.test_time_augmentation import TestTimeAugmentationCallback

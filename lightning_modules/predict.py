@@ -89,17 +89,30 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
     checkpoints = find_checkpoints(cfg.get("ckpt_path"))
     model = load_model(checkpoints)
     class_names = list(model.hparams.get("class_names") or range(model.hparams["num_classes"]))
+    from datamodules.data_config import resolve_data_config
+
     data = cfg.data
-    tta = instantiate(cfg.tta, mirror_invariant=bool(data.mirror_invariant))
+    # the checkpoint's backbone fills what the data config leaves to it (null entries)
+    dc = resolve_data_config(
+        backbone=model.hparams.get("backbone") or data.get("backbone"),
+        image_size=data.get("image_size"),
+        mean=data.get("mean"),
+        std=data.get("std"),
+        interpolation=data.get("interpolation"),
+        crop_pct=data.get("eval_crop_pct"),
+    )
+    tta = instantiate(
+        cfg.tta, mirror_invariant=bool(data.mirror_invariant), interpolation=dc.interpolation
+    )
     transform = build_eval_transform(
-        image_size=int(data.image_size),
-        mean=list(data.mean),
-        std=list(data.std),
-        interpolation=data.interpolation,
-        crop_pct=float(data.eval_crop_pct),
+        image_size=dc.image_size,
+        mean=list(dc.mean),
+        std=list(dc.std),
+        interpolation=dc.interpolation,
+        crop_pct=dc.crop_pct,
     )
     loader = DataLoader(
-        ImageFiles(files, transform, int(data.image_size)),
+        ImageFiles(files, transform, dc.image_size),
         batch_size=int(data.eval_batch_size or data.batch_size),
         num_workers=int(data.num_workers),
         shuffle=False,
