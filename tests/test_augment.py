@@ -177,7 +177,11 @@ def test_bad_augment_options_raise_one_clear_user_error(augment, message):
 
 # ---------------------------------------------------------------------------- seeding
 def first_batch(dm: ImageDataModule, seed: int) -> torch.Tensor:
-    torch.manual_seed(seed)
+    # the training seed fixes order and augmentation (per sample, whatever the worker)
+    dm.seed = seed
+    for ds in dm.datasets.values():
+        ds.seed = seed
+    torch.manual_seed(12345)  # the global RNG plays no part
     x, _, rows = next(iter(dm.train_dataloader()))
     return torch.cat([x.flatten(1), rows[:, None].float()], 1)
 
@@ -208,19 +212,20 @@ def test_device_jitter_is_seeded_and_advances_per_batch():
     augment = {"pca": {"sigma": 0.5, "eigen": "imagenet", "where": "device"}}
     dm = ImageDataModule(source=DigitsSource(image_size=8), image_size=8, augment=augment)
     dm.setup()
-    batch = (torch.zeros(4, 3, 8, 8), torch.zeros(4), torch.arange(4))
+    def batch():  # a fresh batch each time: the jitter works in place
+        return (torch.zeros(4, 3, 8, 8), torch.zeros(4), torch.arange(4))
 
     def run(seed, n=2, training=True):
         dm.trainer = SimpleNamespace(training=training, current_epoch=0, global_rank=0)
         dm._batch_position = (-1, 0)
-        torch.manual_seed(seed)
-        return [dm.on_after_batch_transfer(batch, 0)[0] for _ in range(n)]
+        dm.seed = seed
+        return [dm.on_after_batch_transfer(batch(), 0)[0] for _ in range(n)]
 
     a, b, c = run(1), run(1), run(2)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[0], c[0])
     assert not torch.equal(a[0], a[1])  # a new draw for every batch
-    assert torch.equal(run(1, n=1, training=False)[0], batch[0])  # never outside training
+    assert torch.equal(run(1, n=1, training=False)[0], batch()[0])  # never outside training
     dm.trainer = None
 
 

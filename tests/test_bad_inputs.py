@@ -203,7 +203,7 @@ CASES = [
         "torchvision_set_offline",
         lambda t: ["data=cifar10", "data.source.download=false"],
         "error",
-        "needs internet once",
+        "Run once with internet",
     ),
 ]
 
