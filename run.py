@@ -1,7 +1,10 @@
 """Train, evaluate and ensemble image classifiers: a thin Hydra shell around pure task functions.
 
     python run.py                          # train one model with conf/config.yaml
-    python run.py -m seed=1,2,3            # three seeds: a seed ensemble
+    python run.py -m seed=1,2,3            # three seeds, then the seed ensemble's report
+    python run.py task=eval ckpt_path=<run or sweep dir, checkpoint(s)>   # test (an ensemble)
+    python run.py task=predict predict.input=<image folder> ckpt_path=...  # -> predictions.csv
+    python run.py task=ensemble ensemble.runs=<sweep dir or run dirs>      # report on old runs
     python run.py model.backbone=resnet50 data=folder data.root=~/pets
     python run.py --help                   # config groups and options
     python run.py --cfg job                # the composed config, without running
@@ -13,6 +16,7 @@ by the task that needs them, so ``--help`` and ``--cfg`` answer at once.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import uuid
@@ -44,13 +48,13 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         ``(metrics, objects)``: the final metrics (also in ``<run dir>/metrics.json``) and the
         instantiated ``cfg``, ``datamodule``, ``model`` and ``trainer``.
     """
-    import pytorch_lightning as pl
-
     from callbacks.step_seed import StepSeed
-    from lightning_modules.run_outputs import save_predictions, write_metrics
+    from lightning_modules.config_checks import check_config
+    from lightning_modules.run_outputs import write_metrics
 
+    check_config(cfg)  # before any data is loaded
     out_dir = Path(cfg.paths.output_dir)
-    seed = pl.seed_everything(cfg.seed, workers=True)  # None -> a random seed, logged
+    seed = seed_run(cfg.seed)
 
     datamodule = instantiate(cfg.data, seed=seed, _convert_="all")
     datamodule.prepare_data()
@@ -63,6 +67,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         callbacks.append(finetuning.make_callback())
     if not loggers:
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
+    tta = tta_callback(cfg, datamodule)
+    callbacks += [tta] if tta else []
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(resolved_config(cfg))
@@ -86,29 +92,21 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     if best is None:
         log.warning("No best checkpoint (no ModelCheckpoint callback): testing the final weights.")
-    trainer.test(model, datamodule=fit_data, ckpt_path=best, weights_only=True)
-    model.inputs = "images"
+    model.inputs = "images"  # test on images (with TTA) even when the head trained on features
+    trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
     metrics.update(_scalars(trainer.callback_metrics))
     metrics["best_ckpt"] = str(Path(best).relative_to(out_dir)) if best else None
     metrics["epochs"] = trainer.current_epoch
     metrics["finetune"] = finetuning.strategy
 
     if trainer.is_global_zero:
-        outputs = model.test_outputs
-        ids = datamodule.ids("test")
         if getattr(datamodule, "tasks", None) is not None:  # multi-task: a file per task
             from lightning_modules.multitask import save_task_predictions
 
-            save_task_predictions(out_dir, "test", outputs, ids=ids, tasks=model.tasks)
+            ids = datamodule.ids("test")
+            save_task_predictions(out_dir, "test", model.test_outputs, ids=ids, tasks=model.tasks)
         else:
-            save_predictions(
-                out_dir,
-                "test",
-                probs=outputs["probs"].numpy(),
-                targets=outputs["targets"].numpy(),
-                ids=[ids[r] for r in outputs["rows"].tolist()],
-                class_names=datamodule.class_names,
-            )
+            save_test_results(out_dir, metrics, datamodule=datamodule, model=model, tta=tta)
         write_metrics(out_dir, metrics)
     summary = ", ".join(
         f"{k}={metrics[k]:.4f}"
@@ -117,6 +115,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
             "test/acc",
             "test/nll",
             "test/ece",
+            "test_tta/acc",
             "val/score_best",
             "test/score",
         )
@@ -182,6 +181,10 @@ def _data_kwargs(cfg: DictConfig, datamodule) -> dict:
 # Imported only when chosen, so one task's dependencies never slow down another.
 TASKS = {
     "train": "run:train",
+    "eval": "lightning_modules.evaluate:evaluate",
+    "predict": "lightning_modules.predict:predict",
+    "ensemble": "lightning_modules.ensemble_report:ensemble_task",
+    "preview_augment": "datamodules.preview:preview_augment",
     "visualize": "lightning_modules.visualize:visualize",
 }
 
@@ -194,13 +197,60 @@ def run_task(cfg: DictConfig) -> tuple[dict, dict]:
     if target is None:
         raise UserError(f"Unknown task '{cfg.task}': choose one of {', '.join(TASKS)}.")
     module, _, name = target.partition(":")
-    task = globals()[name] if module in ("run", "__main__") else None
+    # in a joblib/submitit worker this function arrives pickled, without run.py's globals:
+    # then `run` is imported like any other module
+    task = globals().get(name) if module in ("run", "__main__") else None
     if task is None:
         task = getattr(importlib.import_module(module), name)
     return task(cfg)
 
 
 # ---------------------------------------------------------------------------- helpers
+SEED_RANGE = (0, 2**32 - 1)  # what NumPy accepts
+
+
+def seed_run(seed: int | None) -> int:
+    """Seed python, numpy, torch and data-loader workers; ``None`` draws a seed (and logs it)."""
+    import pytorch_lightning as pl
+
+    if seed is not None and not (isinstance(seed, int) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise UserError(
+            f"seed={seed} is not a valid seed: use an integer from {SEED_RANGE[0]} to "
+            f"{SEED_RANGE[1]}, or seed=null for a random one."
+        )
+    return pl.seed_everything(seed, workers=True)
+
+
+def tta_callback(cfg: DictConfig, datamodule):
+    """The callback that tests with ``cfg.tta`` as well, or None for ``tta=none``."""
+    if not cfg.get("tta"):
+        return None
+    tta = instantiate(
+        cfg.tta,
+        mirror_invariant=datamodule.mirror_invariant,
+        interpolation=datamodule.interpolation,  # resolved (the backbone's when data says null)
+    )
+    if not tta.enabled:
+        return None
+    from callbacks.test_time_augmentation import TestTimeAugmentationCallback
+
+    return TestTimeAugmentationCallback(tta)
+
+
+def save_test_results(out_dir: Path, metrics: dict, *, datamodule, model, tta=None) -> None:
+    """Write ``predictions/test.npz`` (and ``test_tta.npz``); add ``test/brier`` to ``metrics``."""
+    from lightning_modules.metrics import brier
+    from lightning_modules.run_outputs import save_test_outputs
+
+    ids, names = datamodule.ids("test"), datamodule.class_names
+    outputs = model.test_outputs
+    save_test_outputs(out_dir, "test", outputs, ids=ids, class_names=names)
+    metrics["test/brier"] = brier(outputs["probs"].numpy(), outputs["targets"].numpy())
+    if tta is not None and tta.outputs is not None:
+        save_test_outputs(out_dir, "test_tta", tta.outputs, ids=ids, class_names=names)
+        metrics["tta"] = tta.tta.mode
+
+
 def instantiate(conf, **kwargs):
     """``hydra.utils.instantiate``, re-raising a user mistake as the :class:`UserError` it is."""
     from hydra.utils import instantiate as hydra_instantiate
@@ -226,14 +276,38 @@ def _instantiate_all(group: DictConfig | None) -> list:
 
 
 def resolved_config(cfg: DictConfig) -> dict:
-    """The job's config as plain python, interpolations resolved, Hydra's own node left out."""
-    return {
-        key: OmegaConf.to_container(cfg[key], resolve=True)
-        if OmegaConf.is_config(cfg[key])
-        else cfg[key]
-        for key in cfg
-        if key != "hydra"
-    }
+    """The job's config as plain python, interpolations resolved, Hydra's own node left out,
+    environment variables never read into it and secrets masked (what loggers record)."""
+    from lightning_modules.tracking import loggable_config
+
+    return loggable_config(cfg)
+
+
+def _completed_member(cfg: DictConfig) -> dict | None:
+    """In a re-launched multirun, the metrics of a member that already finished (else None)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if cfg.get("force") or cfg.task != "train" or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    done = Path(cfg.paths.output_dir) / "metrics.json"
+    last = done.parent / "checkpoints" / "last.ckpt"
+    if not done.is_file():
+        if last.is_file() and not cfg.get("ckpt_path"):  # interrupted: continue where it stopped
+            import time
+
+            from omegaconf import open_dict
+
+            log.info("Resuming the interrupted member %s from %s", done.parent, last)
+            with open_dict(cfg):
+                cfg.ckpt_path = str(last)
+                if cfg.get("logger") and cfg.logger.get("csv"):  # keep the earlier metrics.csv
+                    cfg.logger.csv.version = time.strftime("resume-%Y-%m-%d_%H-%M-%S")
+        return None
+    import json
+
+    log.info("Skipping %s: already complete (force=true re-runs it)", done.parent)
+    return json.loads(done.read_text())
 
 
 def _user_error(err: BaseException | None) -> UserError | None:
@@ -251,20 +325,96 @@ def _scalars(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items()}
 
 
+def resume_argv(argv: list[str]) -> list[str]:
+    """Turn ``resume=<run dir>`` into the overrides that continue that run where it stopped.
+
+    The run's own overrides (``.hydra/overrides.yaml``) come first, so the composed config is
+    the original one; overrides given now come after them and win. The run continues in its own
+    directory from ``checkpoints/last.ckpt``; nothing already written is replaced: this launch's
+    Hydra files go to ``.hydra/resume-<time>/``, its CSV metrics to ``csv/resume-<time>/``.
+    """
+    given = [a for a in argv[1:] if a.startswith("resume=")]
+    if not given:
+        return argv
+    import time
+
+    import yaml
+
+    run_dir = Path(given[-1].split("=", 1)[1]).expanduser().resolve()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not saved.is_file() or not last.is_file():
+        raise UserError(
+            f"Cannot resume '{run_dir}': it needs .hydra/overrides.yaml and "
+            "checkpoints/last.ckpt. Give the directory of a training run that saved a checkpoint."
+        )
+    fixed = ("resume=", "ckpt_path=", "hydra.run.dir=", "hydra.output_subdir=")
+    original = [o for o in yaml.safe_load(saved.read_text()) or [] if not o.startswith(fixed)]
+    now = [a for a in argv[1:] if not a.startswith(fixed)]
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    extra = [
+        f"hydra.run.dir={run_dir}",
+        f"hydra.output_subdir=.hydra/resume-{stamp}",
+        f"ckpt_path={last}",
+    ]
+    if (run_dir / "csv").is_dir():
+        extra.append(f"logger.csv.version=resume-{stamp}")
+    log.info("Resuming %s from %s", run_dir, last)
+    return [argv[0], *original, *now, *extra]
+
+
+def _record_failure(cfg: DictConfig, err: Exception) -> None:
+    """A job of a multirun failed: log why, mark its run directory, let the sweep go on.
+
+    The sweep's end (``callbacks/failed_jobs.py``) names the failed jobs and exits non-zero.
+    """
+    import traceback
+
+    from lightning_modules.run_outputs import write_failure
+
+    user_error = _user_error(err)
+    if user_error is not None:
+        log.error("Job failed: %s", user_error)
+        write_failure(cfg.paths.output_dir, user_error)
+    else:
+        log.exception("Job failed: %s: %s", type(err).__name__, err)
+        write_failure(cfg.paths.output_dir, err, traceback_text=traceback.format_exc())
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    done = _completed_member(cfg)
+    if done is not None:
+        return objective(done, cfg.get("optimized_metric"))
     try:
         metrics, _ = run_task(cfg)
     except Exception as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            _record_failure(cfg, err)
+            return None  # a failed trial for a sweeper, not the end of the sweep
         user_error = _user_error(err)
         if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("%s", user_error)
         print(f"Error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
-    metric = cfg.get("optimized_metric")
-    return metrics.get(metric) if metric else None
+    return objective(metrics, cfg.get("optimized_metric"))
+
+
+def objective(metrics: dict, metric: str | None) -> float | None:
+    """The value returned to a sweeper: ``metrics[metric]``, or None when it is missing or not
+    finite. Optuna records None as a failed trial and goes on; a NaN would end the search."""
+    value = metrics.get(metric) if metric else None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 if __name__ == "__main__":
+    try:
+        sys.argv = resume_argv(sys.argv)
+    except UserError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     main()

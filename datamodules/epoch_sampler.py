@@ -34,10 +34,18 @@ def sample_seed(seed: int, epoch: int, row: int) -> int:
 
 
 class EpochSampler(Sampler):
-    """Random order per epoch, fixed by ``(seed, epoch)``; yields ``(epoch, row)`` keys."""
+    """Random order per epoch, fixed by ``(seed, epoch)``; yields ``(epoch, row)`` keys.
 
-    def __init__(self, n: int, *, seed: int, shuffle: bool = True, epoch: int = 0) -> None:
+    ``trainer``: read the epoch from ``trainer.current_epoch`` when an epoch starts. Lightning's
+    own ``set_epoch`` calls count the epochs of the current ``fit`` call, which after a resume
+    is not the training epoch, so with a trainer they are ignored.
+    """
+
+    def __init__(
+        self, n: int, *, seed: int, shuffle: bool = True, epoch: int = 0, trainer=None
+    ) -> None:
         self.n, self.seed, self.shuffle, self.epoch = int(n), int(seed), shuffle, int(epoch)
+        self.trainer = trainer
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -46,7 +54,7 @@ class EpochSampler(Sampler):
         return self.n
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
+        epoch = self.trainer.current_epoch if self.trainer is not None else self.epoch
         if self.shuffle:
             gen = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1))
             order = torch.randperm(self.n, generator=gen).tolist()

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.data_config import resolve_data_config
 from datamodules.epoch_sampler import EpochSampler, sample_seed
+from datamodules.pca_jitter import (
+    BatchPCAJitter,
+    ColorPCA,
+    fit_color_pca,
+    load_or_fit_color_pca,
+)
 from datamodules.sources.base import Pool, SourceData
 from datamodules.split import cap_per_class, stratified_split
-from datamodules.transforms import build_eval_transform, build_train_transform
+from datamodules.transforms import (
+    augment_options,
+    build_eval_transform,
+    build_train_transform,
+    describe_augment,
+)
 from lightning_modules.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,6 +69,14 @@ class ImageDataModule(pl.LightningDataModule):
     Splits missing from the source are carved out of its training pool, stratified by class, with
     ``split_seed`` (independent of the training seed). ``num_classes`` and ``class_names`` come from
     the data and are available after :meth:`setup`.
+
+    ``image_size``, ``mean``, ``std``, ``interpolation`` and ``eval_crop_pct`` left at ``None`` come
+    from the timm data config of ``backbone`` (see :mod:`datamodules.data_config`), so a
+    pretrained backbone sees the normalisation it was trained with.
+
+    PCA colour jitter (``augment.pca``) is fitted on the training split in :meth:`setup` (cached
+    under ``augment.pca.cache_dir``) and runs either per image in the workers or, with
+    ``where=device``, on whole training batches in :meth:`on_after_batch_transfer`.
     """
 
     dataset_class = SplitDataset  # what each split is made of (subclasses change the targets)
@@ -74,11 +96,12 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
-        image_size: int = 224,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
-        interpolation: str = "bilinear",
-        eval_crop_pct: float = 1.0,
+        backbone: str | None = None,
+        image_size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str | None = None,
+        eval_crop_pct: float | None = None,
         mirror_invariant: bool = True,
         augment: Mapping | None = None,
         seed: int = 0,
@@ -94,11 +117,25 @@ class ImageDataModule(pl.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
-        self.image_size, self.mean, self.std = int(image_size), list(mean), list(std)
-        self.interpolation, self.eval_crop_pct = interpolation, float(eval_crop_pct)
+        self.data_config = resolve_data_config(
+            backbone=backbone,
+            image_size=image_size,
+            mean=mean,
+            std=std,
+            interpolation=interpolation,
+            crop_pct=eval_crop_pct,
+        )
+        self.image_size = self.data_config.image_size
+        self.mean, self.std = list(self.data_config.mean), list(self.data_config.std)
+        self.interpolation = self.data_config.interpolation
+        self.eval_crop_pct = self.data_config.crop_pct
         self.mirror_invariant = bool(mirror_invariant)
         self.augment = dict(augment or {})
         self.seed = int(seed)  # the training seed: data order and augmentation
+        self.augment_options = augment_options(self.augment)
+        self.color_pca: ColorPCA | None = None  # set in setup() when PCA jitter is on
+        self.batch_augment: BatchPCAJitter | None = None  # the on-device part, training only
+        self._batch_position = (-1, 0)  # (epoch, batches seen in it): seeds the device jitter
         self.class_names: list[str] | None = None
         self.datasets: dict[str, SplitDataset] = {}
         self._ids: dict[str, list[str]] = {}
@@ -156,6 +193,7 @@ class ImageDataModule(pl.LightningDataModule):
             )
             indices["train"], targets["train"] = indices["train"][keep], targets["train"][keep]
         self.class_names = names
+        self._setup_color_pca(pools["train"], indices["train"])
         transforms = {"train": self.train_transform(), "eval": self.eval_transform()}
         for split in SPLITS:
             if split not in indices:
@@ -168,6 +206,11 @@ class ImageDataModule(pl.LightningDataModule):
             self._ids[split] = [pool.ids[i] for i in indices[split]]
         sizes = ", ".join(f"{s} {len(d)}" for s, d in self.datasets.items())
         log.info("Data: %d classes; %s images (split_seed=%d)", len(names), sizes, self.split_seed)
+        log.info("Input: %s", self.data_config.describe())
+        log.info(
+            "Augmentation: %s",
+            describe_augment(self.augment_options, mirror_invariant=self.mirror_invariant),
+        )
 
     def _class_map(self, names: list[str]) -> np.ndarray:
         """Old class index -> new index (or -1 when the class is dropped by ``classes``)."""
@@ -191,44 +234,150 @@ class ImageDataModule(pl.LightningDataModule):
         return mapping
 
     # ------------------------------------------------------------------ transforms
-    def eval_transform(self):
+    def eval_transform(self, *, normalize: bool = True):
+        """Resize + centre crop per the data config; deterministic."""
         return build_eval_transform(
             image_size=self.image_size,
             mean=self.mean,
             std=self.std,
             interpolation=self.interpolation,
             crop_pct=self.eval_crop_pct,
+            normalize=normalize,
         )
 
-    def train_transform(self):
+    def train_transform(self, *, augment: Mapping | None = None, normalize: bool = True):
+        """The per-image training pipeline (``augment`` replaces ``self.augment`` if given)."""
         return build_train_transform(
             image_size=self.image_size,
             mean=self.mean,
             std=self.std,
             interpolation=self.interpolation,
             crop_pct=self.eval_crop_pct,
-            augment=self.augment,
+            augment=self.augment if augment is None else augment,
             mirror_invariant=self.mirror_invariant,
+            color_pca=self.color_pca,
+            normalize=normalize,
         )
+
+    # ------------------------------------------------------------------ PCA colour jitter
+    def _setup_color_pca(self, pool: Pool, rows: np.ndarray) -> None:
+        """Resolve ``augment.pca`` when it is on: the colour PCA and the on-device step."""
+        options = self.augment_options["pca"]
+        if options["sigma"] <= 0:
+            return
+        self.color_pca = self.resolve_color_pca(pool, rows)
+        if options["where"] == "device":
+            self.batch_augment = BatchPCAJitter(
+                self.color_pca, sigma=options["sigma"], mean=self.mean, std=self.std
+            )
+
+    def resolve_color_pca(self, pool: Pool | None = None, rows: np.ndarray | None = None):
+        """The :class:`ColorPCA` that ``augment.pca.eigen`` asks for, even with ``sigma=0``.
+
+        ``imagenet``: AlexNet's constants. ``fit``: fitted on the training split (``pool`` and
+        ``rows``, by default those of :meth:`setup`), loaded from the cache when it is there.
+        """
+        options = self.augment_options["pca"]
+        if options["eigen"] == "imagenet":
+            return ColorPCA.imagenet()
+        if pool is None:
+            if "train" not in self.datasets:
+                self.setup()
+            pool, rows = self.datasets["train"].pool, self.datasets["train"].indices
+        return self._fit_color_pca(pool, rows, options)
+
+    def _fit_color_pca(self, pool: Pool, rows: np.ndarray, options: Mapping) -> ColorPCA:
+        """Colour PCA of (a sample of) the training images at the eval geometry, in [0, 1]."""
+        fit_seed = 0  # the sample is a property of the data, not of the training seed
+        n = min(int(options["fit_images"]), len(rows))
+        ids = "\n".join(pool.ids[int(i)] for i in rows)
+        key = {
+            "source": _source_identity(self.source),
+            "train_ids_sha1": hashlib.sha1(ids.encode()).hexdigest(),
+            "n_train": len(rows),
+            "fit_images": n,
+            "fit_seed": fit_seed,
+            "image_size": self.image_size,
+            "crop_pct": self.eval_crop_pct,
+            "interpolation": self.interpolation,
+        }
+
+        def fit() -> ColorPCA:
+            chosen = np.random.default_rng(fit_seed).choice(len(rows), n, replace=False)
+            rows_fit = rows[np.sort(chosen)]
+            dataset = SplitDataset(
+                pool, rows_fit, np.zeros(n, dtype=np.int64), self.eval_transform(normalize=False)
+            )
+            # its own generator: fitting (or not, when cached) must not move the global RNG
+            loader = DataLoader(
+                dataset,
+                batch_size=64,
+                num_workers=self.num_workers,
+                generator=torch.Generator().manual_seed(fit_seed),
+            )
+            return fit_color_pca(x for x, _, _ in loader)
+
+        pca, path, cached = load_or_fit_color_pca(
+            fit, key=key, cache_dir=options.get("cache_dir"), name=type(self.source).__name__
+        )
+        values = ", ".join(f"{v:.4g}" for v in pca.eigval)
+        how = f"loaded from {path}" if cached else f"fitted on {pca.n_images} training images"
+        where = "" if cached or path is None else f", cached in {path}"
+        log.info("PCA colour jitter: eigenvalues (%s), %s%s", values, how, where)
+        return pca
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Training batches only: PCA colour jitter on the device, one seeded draw per batch.
+
+        The seed mixes the training ``seed``, the rank, the epoch and the
+        batch's position in the epoch, so the same ``seed`` gives the same jitter.
+        """
+        trainer = self.trainer
+        if self.batch_augment is None or trainer is None or not trainer.training:
+            return batch
+        x, *rest = batch
+        # in place: the batch is a fresh tensor from the loader (or from the device transfer)
+        return (self.batch_augment(x, seed=self._next_batch_seed(), inplace=True), *rest)
+
+    def _next_batch_seed(self) -> int:
+        trainer = self.trainer
+        epoch, count = self._batch_position
+        if trainer.current_epoch != epoch:
+            epoch, count = trainer.current_epoch, 0
+        self._batch_position = (epoch, count + 1)
+        entropy = [self.seed, int(getattr(trainer, "global_rank", 0)), epoch, count]
+        return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, split: str, *, train: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup()
+        dataset = self.datasets[split]
+        batch_size = self.batch_size if train else self.eval_batch_size
+        # a last training batch of one sample breaks BatchNorm: drop it (only that case)
+        drop_last = train and len(dataset) > batch_size and len(dataset) % batch_size == 1
+        if train and batch_size > len(dataset):
+            log.warning(
+                "data.batch_size=%d is larger than the %d training images: every epoch is a "
+                "single batch of %d.",
+                batch_size,
+                len(dataset),
+                len(dataset),
+            )
         sampler = None
         if train:  # order and augmentation fixed by (seed, epoch): exact resume
-            trainer = getattr(self, "trainer", None)
-            epoch = trainer.current_epoch if trainer is not None else 0
-            sampler = EpochSampler(len(self.datasets[split]), seed=self.seed, epoch=epoch)
+            sampler = EpochSampler(
+                len(self.datasets[split]), seed=self.seed, trainer=getattr(self, "trainer", None)
+            )
         return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size if train else self.eval_batch_size,
+            dataset,
+            batch_size=batch_size,
             sampler=sampler,
             shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            drop_last=False,
+            drop_last=drop_last,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -239,3 +388,16 @@ class ImageDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
+
+
+def _source_identity(source) -> dict:
+    """What identifies a source's data: its class and its plain settings (roots made absolute)."""
+    identity = {"type": f"{type(source).__module__}.{type(source).__qualname__}"}
+    for key, value in sorted(vars(source).items()):
+        if key.startswith("_") or key == "download":
+            continue
+        if isinstance(value, str) and key.endswith("root"):
+            value = str(Path(value).expanduser().resolve())
+        if value is None or isinstance(value, (str, int, float, bool)):
+            identity[key] = value
+    return identity

@@ -128,10 +128,8 @@ class FeatureDataModule(pl.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        trainer = getattr(self, "trainer", None)
-        epoch = trainer.current_epoch if trainer is not None else 0
         ds = self.datasets["train"]
-        sampler = EpochSampler(len(ds), seed=self.dm.seed, epoch=epoch)
+        sampler = EpochSampler(len(ds), seed=self.dm.seed, trainer=getattr(self, "trainer", None))
         return DataLoader(ds, batch_size=self.dm.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:

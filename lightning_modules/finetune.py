@@ -45,9 +45,10 @@ class Finetuning:
     def make_callback(self):
         if self.callback_kwargs is None:
             return None
-        from hydra.utils import instantiate
+        from hydra.utils import get_class
 
-        return instantiate(self.callback_kwargs, _convert_="all")
+        kwargs = dict(self.callback_kwargs)
+        return get_class(kwargs.pop("_target_"))(**kwargs)
 
 
 def choose_strategy(

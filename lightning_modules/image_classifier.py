@@ -84,6 +84,7 @@ class ImageClassifier(pl.LightningModule):
         self.test_ece = MulticlassCalibrationError(num_classes, n_bins=ECE_BINS, norm="l1")
         self.train_loss, self.val_loss, self.test_nll = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # in checkpoints: a resumed run keeps its best so far
         self.test_outputs: dict[str, torch.Tensor] | None = None
         self._test_chunks: list[tuple[torch.Tensor, ...]] = []
 
@@ -106,10 +107,6 @@ class ImageClassifier(pl.LightningModule):
         return loss
 
     # ------------------------------------------------------------------ validation
-    def on_train_start(self) -> None:
-        # the sanity check must not count as the best epoch
-        self.val_acc_best.reset()
-
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y, _ = batch
         logits = self(x)
@@ -119,6 +116,8 @@ class ImageClassifier(pl.LightningModule):
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # a few batches: not an epoch, never the best one
+            return
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
 
@@ -145,21 +144,8 @@ class ImageClassifier(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         if not self._test_chunks:
             return
-        probs, targets, rows = (torch.cat(parts) for parts in zip(*self._test_chunks, strict=True))
-        self._test_chunks = []
-        if self.trainer.world_size > 1:  # every rank's rows (equal sizes: the sampler pads)
-            probs, targets, rows = (
-                self.all_gather(t).flatten(0, 1) for t in (probs, targets, rows)
-            )
-        order = torch.argsort(rows, stable=True)
-        probs, targets, rows = probs[order], targets[order], rows[order]
-        first = torch.ones_like(rows, dtype=torch.bool)
-        first[1:] = rows[1:] != rows[:-1]  # drop the distributed sampler's padding repeats
-        self.test_outputs = {
-            "probs": probs[first].cpu(),
-            "targets": targets[first].cpu(),
-            "rows": rows[first].cpu(),
-        }
+        chunks, self._test_chunks = self._test_chunks, []
+        self.test_outputs = gather_by_row(self, *chunks)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -173,3 +159,21 @@ class ImageClassifier(pl.LightningModule):
     def param_groups(self) -> list[dict]:
         """Optimizer parameter groups (``lightning_modules.optimization.layer_param_groups``)."""
         return layer_param_groups(self.net, self.finetune_plan)
+
+
+def gather_by_row(
+    module: pl.LightningModule, *chunks: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per-batch ``(probs, targets, rows)`` of every rank, in row order, on the CPU.
+
+    The distributed sampler pads the last batches with repeated rows: those repeats are dropped.
+    Returns ``{"probs": (N, C), "targets": (N,), "rows": (N,)}``.
+    """
+    probs, targets, rows = (torch.cat(parts) for parts in zip(*chunks, strict=True))
+    if module.trainer.world_size > 1:  # every rank's rows (equal sizes: the sampler pads)
+        probs, targets, rows = (module.all_gather(t).flatten(0, 1) for t in (probs, targets, rows))
+    order = torch.argsort(rows, stable=True)
+    probs, targets, rows = probs[order], targets[order], rows[order]
+    first = torch.ones_like(rows, dtype=torch.bool)
+    first[1:] = rows[1:] != rows[:-1]  # drop the distributed sampler's padding repeats
+    return {"probs": probs[first].cpu(), "targets": targets[first].cpu(), "rows": rows[first].cpu()}

@@ -4,7 +4,9 @@
 ``<run dir>/predictions/test.npz``: test-set predictions of the best checkpoint:
 ``probs`` (N, C) float32, ``targets`` (N,) int64, ``ids`` (N,) str (stable sample ids) and
 ``class_names`` (C,) str. Rows follow the data module's test order, which depends only on the
-data and ``data.split_seed``.
+data and ``data.split_seed``. ``predictions/test_tta.npz``: the same with test-time augmentation.
+``<run dir>/failed.json``: written instead of the above by a job of a multirun that failed
+(``error``, ``message``, ``traceback``), so the rest of the sweep can go on and be reported.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_DIR = "predictions"
+FAILED_FILE = "failed.json"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -41,11 +44,20 @@ def _plain(value):
     return value
 
 
-def write_metrics(run_dir: str | Path, metrics: dict) -> Path:
-    path = Path(run_dir) / METRICS_FILE
-    text = json.dumps(_plain(metrics), indent=2, sort_keys=True) + "\n"
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (never half-written)."""
+    path = Path(path)
     _atomic_write(path, lambda tmp: tmp.write_text(text))
     return path
+
+
+def write_json(path: str | Path, data, *, sort_keys: bool = False) -> Path:
+    """Write JSON atomically: tensors/NumPy scalars as numbers, NaN and inf as null."""
+    return write_text(path, json.dumps(_plain(data), indent=2, sort_keys=sort_keys) + "\n")
+
+
+def write_metrics(run_dir: str | Path, metrics: dict) -> Path:
+    return write_json(Path(run_dir) / METRICS_FILE, metrics, sort_keys=True)
 
 
 def read_metrics(run_dir: str | Path) -> dict:
@@ -112,3 +124,54 @@ def load_predictions(run_dir: str | Path, split: str = "test") -> dict[str, np.n
     path = Path(run_dir) / PREDICTIONS_DIR / f"{split}.npz"
     with np.load(path, allow_pickle=False) as data:
         return {key: data[key] for key in data.files}
+
+
+def save_test_outputs(
+    run_dir: str | Path, split: str, outputs: dict, *, ids: list[str], class_names: list[str]
+) -> Path:
+    """Save a module's test outputs (``probs``, ``targets``, ``rows``: arrays or CPU tensors).
+
+    ``ids`` are the split's sample ids in data order; ``rows`` index them.
+    """
+    rows = np.asarray(outputs["rows"]).tolist()
+    return save_predictions(
+        run_dir,
+        split,
+        probs=np.asarray(outputs["probs"]),
+        targets=np.asarray(outputs["targets"]),
+        ids=[ids[r] for r in rows],
+        class_names=class_names,
+    )
+
+
+def has_predictions(run_dir: str | Path, split: str = "test") -> bool:
+    return (Path(run_dir) / PREDICTIONS_DIR / f"{split}.npz").is_file()
+
+
+def write_failure(run_dir: str | Path, error: BaseException, *, traceback_text: str = "") -> Path:
+    """Mark a run as failed: ``failed.json`` with the error's type, message and traceback."""
+    info = {"error": type(error).__name__, "message": str(error), "traceback": traceback_text}
+    return write_json(Path(run_dir) / FAILED_FILE, info)
+
+
+def read_failure(run_dir: str | Path) -> dict | None:
+    """The failure recorded by :func:`write_failure`, or None when the run did not fail."""
+    path = Path(run_dir) / FAILED_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def list_runs(path: str | Path) -> list[Path]:
+    """The run directories at or directly below ``path`` (those with a ``.hydra/config.yaml``).
+
+    A sweep directory gives its jobs in job order (``0``, ``1``, ..., ``10``); a run directory
+    gives itself.
+    """
+    path = Path(path)
+    if (path / ".hydra" / "config.yaml").is_file():
+        return [path]
+    if not path.is_dir():
+        return []
+    runs = [p for p in path.iterdir() if (p / ".hydra" / "config.yaml").is_file()]
+    return sorted(
+        runs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)
+    )

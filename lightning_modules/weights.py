@@ -76,9 +76,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"'{path}' holds no state dict of tensors: cannot load it as weights.")
-    for prefix in PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
+    for prefix in PREFIXES:  # a LightningModule's backbone (metrics' states are left out)
+        inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if inner and len(inner) * 2 >= len(state):
+            state = inner
+            break
     return state
 
 

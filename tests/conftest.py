@@ -22,6 +22,7 @@ FAST = [
     "trainer.max_epochs=1",
     "~callbacks.rich_progress_bar",
     "~callbacks.rich_model_summary",
+    "logger=csv",
 ]
 
 
@@ -57,6 +58,40 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None =
     )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _offline_trackers(tmp_path_factory):
+    """Trackers never reach the network or the user's home: wandb offline, its files in tmp."""
+    base = tmp_path_factory.mktemp("trackers")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        patch.setenv(var, str(base / var.lower()))
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def cfg_factory(tmp_path):
     return lambda *overrides, **kw: compose_cfg(tmp_path, list(overrides), **kw)
+
+
+@pytest.fixture(scope="session")
+def seed_sweep(tmp_path_factory):
+    """A real ``python run.py -m seed=1,2,-1`` of tiny members: jobs 0 and 1 finish (seeds 1
+    and 2, with checkpoints, test and TTA predictions); job 2 fails (seed -1 is out of range).
+
+    Returns ``(sweep dir, CompletedProcess)``.
+    """
+    tmp = tmp_path_factory.mktemp("seed_sweep")
+    proc = run_cli(
+        "-m",
+        "seed=1,2,-1",
+        *FAST,
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.num_sanity_val_steps=0",
+        f"paths.log_dir={tmp}",
+        f"hydra.sweep.dir={tmp}/sweep",
+        timeout=300,
+    )
+    return tmp / "sweep", proc

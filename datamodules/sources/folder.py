@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from datamodules.sources.base import Pool, SourceData
 from lightning_modules.errors import UserError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (
     ".jpg",
@@ -24,11 +27,21 @@ IMAGE_EXTENSIONS = (
 
 
 def load_rgb(path: str | Path):
-    """Open an image as RGB, honouring its EXIF orientation (grey, palette, RGBA, CMYK → RGB)."""
-    from PIL import Image, ImageOps
+    """Open an image as RGB, honouring its EXIF orientation.
 
+    Grey, palette (transparency over black), RGBA, CMYK and 16-bit images become 8-bit RGB. A
+    truncated file is loaded with its missing part left grey (it passed the header check at scan
+    time; see :func:`check_images`).
+    """
+    from PIL import Image, ImageFile, ImageOps
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grey: scale to 8 bits
+            arr = np.asarray(img, dtype=np.float32)
+            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            img = Image.fromarray((np.clip(arr / top, 0, 1) * 255).round().astype(np.uint8))
         if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (0, 0, 0, 255))
@@ -45,6 +58,26 @@ def list_images(folder: Path) -> list[Path]:
         and p.suffix.lower() in IMAGE_EXTENSIONS
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
+
+
+def check_images(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Split ``paths`` into readable images and unreadable files (empty, not an image, corrupt).
+
+    Only the header is parsed (fast); the pixels are decoded when the image is used.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    good, bad = [], []
+    for path in paths:
+        try:
+            if path.stat().st_size == 0:
+                raise OSError("empty file")
+            with Image.open(path) as img:
+                img.size  # noqa: B018 - parsing the header is the check
+            good.append(path)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            bad.append(path)
+    return good, bad
 
 
 def scan_class_folder(root: str | Path, *, class_names: list[str] | None = None):
@@ -69,9 +102,10 @@ def scan_class_folder(root: str | Path, *, class_names: list[str] | None = None)
             f"'{root}' has classes {found} but the training folder has {class_names}: "
             "use the same class sub-folders in every split."
         )
-    paths, targets = [], []
+    paths, targets, skipped = [], [], []
     for index, name in enumerate(found):
-        files = list_images(root / name)
+        files, bad = check_images(list_images(root / name))
+        skipped += bad
         if not files:
             raise UserError(
                 f"Class folder '{root / name}' holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
@@ -79,6 +113,16 @@ def scan_class_folder(root: str | Path, *, class_names: list[str] | None = None)
             )
         paths += files
         targets += [index] * len(files)
+    if skipped:
+        shown = ", ".join(str(p.relative_to(root)) for p in skipped[:10])
+        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        log.warning(
+            "Skipped %d unreadable file(s) in '%s' (empty, not an image or corrupt): %s%s",
+            len(skipped),
+            root,
+            shown,
+            more,
+        )
     if class_names is None and len(found) < 2:
         raise UserError(
             f"Image folder '{root}' has a single class ('{found[0]}'): a classifier needs at "

@@ -1,0 +1,141 @@
+"""Input size, normalisation, interpolation and eval crop: from the backbone, overridable.
+
+A pretrained backbone must see the normalisation it was trained with, so by default these come
+from timm's data config of the backbone (``timm.data.resolve_model_data_config``). timm can resolve
+it from the model **name** alone, without building the model, which is what happens here: the data
+is set up before the model exists (the model needs the number of classes from the data).
+
+Precedence, for each of ``image_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``:
+a value set in the data config (not ``null``) > the backbone's timm data config > timm's defaults
+(ImageNet mean/std, 224 px, bicubic, crop 0.875) when the backbone is unknown to timm.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the transforms need; ``origin`` says where each value came from (for the log)."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_pct: float
+    origin: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def describe(self) -> str:
+        def fmt(v):
+            return "(" + ", ".join(f"{x:.4g}" for x in v) + ")" if isinstance(v, tuple) else v
+
+        return ", ".join(
+            f"{k}={fmt(getattr(self, k))} [{self.origin.get(k, '?')}]"
+            for k in ("image_size", "mean", "std", "interpolation", "crop_pct")
+        )
+
+
+def backbone_data_config(name: str | None) -> tuple[dict, str]:
+    """timm's data config for a backbone name, without creating the model.
+
+    Returns ``(config, origin)``; ``config`` has ``input_size``, ``mean``, ``std``,
+    ``interpolation``, ``crop_pct``. Names timm does not know (or ``None``) give timm's defaults.
+    """
+    from timm.data import (
+        DEFAULT_CROP_PCT,
+        IMAGENET_DEFAULT_MEAN,
+        IMAGENET_DEFAULT_STD,
+        resolve_data_config,
+    )
+    from timm.models import get_pretrained_cfg
+
+    pretrained_cfg = None
+    if name:
+        try:
+            pretrained_cfg = get_pretrained_cfg(name)
+        except Exception:  # hub names, malformed tags: fall back to the defaults
+            pretrained_cfg = None
+    if pretrained_cfg is None:
+        if name:
+            log.info("timm has no data config for '%s': using timm's defaults", name)
+        defaults = {
+            "input_size": (3, 224, 224),
+            "interpolation": "bicubic",
+            "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD,
+            "crop_pct": DEFAULT_CROP_PCT,
+        }
+        return defaults, "timm default"
+    return resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict()), f"backbone {name}"
+
+
+def resolve_data_config(
+    *,
+    backbone: str | None = None,
+    image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str | None = None,
+    crop_pct: float | None = None,
+) -> DataConfig:
+    """Explicit values win; every ``None`` is filled from the backbone's timm data config."""
+    from lightning_modules.errors import UserError
+
+    given = {
+        "image_size": image_size,
+        "mean": mean,
+        "std": std,
+        "interpolation": interpolation,
+        "crop_pct": crop_pct,
+    }
+    origin = {k: "data config" for k, v in given.items() if v is not None}
+    if len(origin) < len(given):
+        timm_cfg, timm_origin = backbone_data_config(backbone)
+        h, w = timm_cfg["input_size"][-2:]
+        from_timm = {
+            "image_size": max(h, w),
+            "mean": timm_cfg["mean"],
+            "std": timm_cfg["std"],
+            "interpolation": timm_cfg["interpolation"],
+            "crop_pct": timm_cfg["crop_pct"],
+        }
+        for k, v in given.items():
+            if v is None:
+                given[k], origin[k] = from_timm[k], timm_origin
+    interp = str(given["interpolation"]).lower()
+    if interp not in INTERPOLATIONS:  # timm may say e.g. "bicubic" or "random"
+        if origin["interpolation"] == "data config":
+            raise UserError(
+                f"data.interpolation={given['interpolation']!r} is not supported: use one of "
+                f"{', '.join(INTERPOLATIONS)} (or null for the backbone's)."
+            )
+        interp = "bicubic"
+    size = int(given["image_size"])
+    if size < 1:
+        raise UserError(f"data.image_size={size}: use a positive size in pixels (or null).")
+    stats = {}
+    for key in ("mean", "std"):
+        values = tuple(float(v) for v in given[key])
+        if len(values) != 3:
+            raise UserError(f"data.{key}={list(values)}: give three values, one per RGB channel.")
+        stats[key] = values
+    if min(stats["std"]) <= 0:
+        raise UserError(f"data.std={list(stats['std'])}: every std must be positive.")
+    crop = float(given["crop_pct"])
+    if not 0 < crop <= 1:
+        raise UserError(f"data.eval_crop_pct={crop}: use a fraction in (0, 1] (1 = no crop).")
+    return DataConfig(
+        image_size=size,
+        mean=stats["mean"],
+        std=stats["std"],
+        interpolation=interp,
+        crop_pct=crop,
+        origin=origin,
+    )

@@ -1,0 +1,187 @@
+"""Checkpoints as models: one classifier, or an ensemble that averages its members' softmaxes.
+
+A checkpoint of this framework rebuilds its classifier without the config that trained it: its
+``hyper_parameters`` hold the backbone name, ``num_classes``, ``class_names`` and the backbone's
+arguments, and it loads with ``torch.load(weights_only=True)`` (no pickled code is run).
+"""
+
+from __future__ import annotations
+
+import glob
+import inspect
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_modules.errors import UserError
+from lightning_modules.image_classifier import ImageClassifier
+from lightning_modules.run_outputs import list_runs, read_failure, read_metrics
+
+log = logging.getLogger(__name__)
+
+BEST_CHECKPOINT = Path("checkpoints") / "best.ckpt"
+
+
+# ---------------------------------------------------------------------------- finding them
+def find_checkpoints(spec: str | Path | Sequence) -> list[Path]:
+    """The checkpoint files ``spec`` names (``ckpt_path`` of eval and predict).
+
+    ``spec`` is one or a list of: a checkpoint file; a run directory (its best checkpoint, as
+    recorded in ``metrics.json``); a sweep directory (the best checkpoint of each finished job);
+    a glob of any of these.
+    """
+    if spec is None or spec == "" or (not isinstance(spec, (str, Path)) and not list(spec)):
+        raise UserError(
+            "No checkpoint given: set ckpt_path to a .ckpt file, a run or sweep directory, or a "
+            "list of them, e.g. ckpt_path=outputs/train/multiruns/<date>_<id>."
+        )
+    items = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    found: list[Path] = []
+    for item in items:
+        matches = sorted(glob.glob(os.path.expanduser(str(item))))
+        if not matches:
+            raise UserError(
+                f"ckpt_path '{item}' does not exist: give a checkpoint file, a run or sweep "
+                "directory, or a glob that matches some."
+            )
+        for match in map(Path, matches):
+            for path in _checkpoints_at(match):
+                if path not in found:
+                    found.append(path)
+    return found
+
+
+def _checkpoints_at(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    is_run = (path / "metrics.json").is_file() or (path / BEST_CHECKPOINT).is_file()
+    runs = [path] if is_run else list_runs(path)
+    if not runs:
+        raise UserError(
+            f"'{path}' holds no run directories: give a .ckpt file, a run directory or a sweep "
+            "directory of this framework."
+        )
+    found = []
+    for run in runs:
+        failure = read_failure(run)
+        best = _best_checkpoint(run)
+        if failure is not None or best is None:
+            why = f"failed ({failure['error']})" if failure else "has no best checkpoint"
+            if len(runs) == 1:
+                raise UserError(f"Run '{run}' {why}: choose another run or a checkpoint file.")
+            log.warning("Skipped %s: it %s.", run, why)
+            continue
+        found.append(best)
+    return found
+
+
+def _best_checkpoint(run: Path) -> Path | None:
+    if (run / "metrics.json").is_file():
+        recorded = read_metrics(run).get("best_ckpt")
+        if recorded and (run / recorded).is_file():
+            return run / recorded
+    return run / BEST_CHECKPOINT if (run / BEST_CHECKPOINT).is_file() else None
+
+
+# ---------------------------------------------------------------------------- loading them
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's dict, loaded without unpickling code; refused with a clear message."""
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(
+            f"Cannot load checkpoint '{path}' ({type(err).__name__}: {str(err)[:200]}): give a "
+            "checkpoint written by this framework (checkpoints/best.ckpt of a run)."
+        ) from err
+    if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= set(
+        checkpoint
+    ):
+        raise UserError(
+            f"'{path}' is not a checkpoint of this framework (no state_dict/hyper_parameters): "
+            "give checkpoints/best.ckpt of a training run."
+        )
+    return checkpoint
+
+
+def load_classifier(path: str | Path) -> ImageClassifier:
+    """Rebuild an :class:`ImageClassifier` from its checkpoint alone (no pretrained download)."""
+    checkpoint = read_checkpoint(path)
+    accepted = inspect.signature(ImageClassifier.__init__).parameters
+    kwargs = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
+    kwargs.update(pretrained=False, weights=None)  # the weights are in the checkpoint
+    model = ImageClassifier(**kwargs)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:
+        raise UserError(
+            f"Checkpoint '{path}' does not fit the model its hyper_parameters describe "
+            f"({str(err).splitlines()[0]}): it was written by an incompatible version."
+        ) from err
+    model.eval()
+    return model
+
+
+def load_model(paths: Sequence[str | Path]) -> ImageClassifier:
+    """One checkpoint: its classifier. Several: their :class:`EnsembleClassifier`."""
+    members = [load_classifier(p) for p in paths]
+    if len(members) == 1:
+        return members[0]
+    log.info("Ensemble of %d checkpoints: %s", len(members), ", ".join(map(str, paths)))
+    return EnsembleClassifier(members=members)
+
+
+# ---------------------------------------------------------------------------- the ensemble
+class ProbabilityAverage(nn.Module):
+    """Mean of the members' softmax outputs, returned as log-probabilities.
+
+    Log-probabilities behave as logits downstream: their softmax is the averaged distribution
+    itself, and their cross-entropy is the ensemble's NLL.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([m(x).float().softmax(-1) for m in self.members]).mean(0)
+        return probs.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+class EnsembleClassifier(ImageClassifier):
+    """Several trained classifiers as one: the average of their softmaxes.
+
+    For ``trainer.test`` (``test/*`` metrics and :attr:`test_outputs`, as an
+    :class:`ImageClassifier`) and prediction; it is not trained. Members must share their class
+    names. Built on the first member's settings; its network is then replaced by the average.
+
+    Args:
+        members: the trained classifiers (e.g. :func:`load_classifier` of each checkpoint).
+    """
+
+    def __init__(self, *, members: Sequence[ImageClassifier]) -> None:
+        if len(members) < 2:
+            raise ValueError("an ensemble needs at least two members")
+        names = [list(m.hparams.get("class_names") or []) for m in members]
+        counts = [int(m.hparams["num_classes"]) for m in members]
+        for i in range(1, len(members)):
+            if names[i] != names[0] or counts[i] != counts[0]:
+                raise UserError(
+                    f"Checkpoints 1 and {i + 1} predict different classes ({names[0] or counts[0]}"
+                    f" vs {names[i] or counts[i]}): ensemble only checkpoints trained on the "
+                    "same classes."
+                )
+        first = members[0].hparams
+        super().__init__(
+            backbone=first["backbone"],
+            num_classes=counts[0],
+            class_names=names[0],
+            backbone_kwargs=first.get("backbone_kwargs"),
+        )
+        self.net = ProbabilityAverage([m.net for m in members])
+        self.hparams["members"] = [str(m.hparams["backbone"]) for m in members]
+        self.eval()

@@ -1,0 +1,532 @@
+"""The seed ensemble's verdict: its members against the average of their probabilities.
+
+From finished runs (a sweep directory, run directories, or globs of them):
+
+1. every run's configuration is read from ``.hydra/config.yaml`` and runs are grouped by their
+   configuration without ``seed``, ``paths`` and ``logger`` (:data:`IGNORED_KEYS`), so a sweep
+   over other keys (``-m model.optimizer.lr=1e-3,3e-4 seed=1,2,3``) gives one ensemble per setting;
+2. runs that failed (``failed.json``) or never wrote test predictions are left out, with the
+   reason; a group needs at least two members;
+3. members must have predicted the same test samples (ids), in the same order, with the same
+   targets, classes and ``split_seed``; anything else is refused with a :class:`UserError`;
+4. each member's test (and TTA) probabilities are scored, then their average: accuracy, NLL,
+   ECE (15 bins), Brier (see :mod:`lightning_modules.metrics`), members' mean and standard
+   deviation (ddof=1), the ensemble's gain over the mean member, and the members' pairwise
+   disagreement;
+5. ``report.json``, ``report.md``, ``reliability.png`` and ``confusion.png`` are written to the
+   report directory (one sub-directory per setting when the runs hold several), and the table is
+   printed.
+
+Used after every multirun by ``callbacks/ensemble_report.py`` and, for existing runs, by
+``python run.py task=ensemble ensemble.runs=<sweep dir>`` (:func:`ensemble_task`).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_modules import metrics as M
+from lightning_modules.errors import UserError
+from lightning_modules.run_outputs import (
+    has_predictions,
+    list_runs,
+    load_predictions,
+    read_failure,
+    read_metrics,
+    write_json,
+    write_text,
+)
+
+log = logging.getLogger(__name__)
+
+# Config keys that may differ between members of one ensemble: the seed, where files go, where
+# metrics are logged (loggers often name runs after the seed).
+IGNORED_KEYS = ("seed", "paths", "logger")
+# Tasks whose runs write test predictions, and so can be members.
+MEMBER_TASKS = ("train", "eval")
+SPLITS = {"test": "single view", "test_tta": "TTA"}
+MIN_MEMBERS = 2
+METRICS = ("acc", "nll", "ece", "brier")
+METRIC_NOTES = (
+    "acc: accuracy; NLL: mean negative log-likelihood; ECE: expected calibration error, "
+    "15 equal-width bins, L1; Brier: sum over classes of squared errors, mean over samples "
+    "(0 best, 2 worst). Ensemble = mean of the members' probabilities. std over members, ddof=1."
+)
+
+
+# ---------------------------------------------------------------------------- runs
+@dataclass
+class Run:
+    """One run directory as the report sees it."""
+
+    path: Path
+    name: str
+    task: str | None
+    seed: Any
+    setting: dict[str, Any]
+    failure: dict | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.failure is None and has_predictions(self.path, "test")
+
+    @property
+    def label(self) -> str:
+        return f"seed {self.seed}"
+
+    @property
+    def reason(self) -> str:
+        if self.failure is not None:
+            return f"failed: {self.failure['error']}: {self.failure['message']}"
+        return "no test predictions (stopped before testing)"
+
+
+@dataclass
+class Group:
+    """Runs whose configurations differ only in :data:`IGNORED_KEYS`."""
+
+    setting: dict[str, Any]
+    runs: list[Run] = field(default_factory=list)
+    label: dict[str, Any] = field(default_factory=dict)  # what sets it apart from other groups
+
+    @property
+    def members(self) -> list[Run]:
+        return [r for r in self.runs if r.complete]
+
+    @property
+    def left_out(self) -> list[Run]:
+        return [r for r in self.runs if not r.complete]
+
+    @property
+    def title(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.label.items()) or "all runs"
+
+
+def find_runs(spec: str | Path | list | tuple) -> list[Path]:
+    """Run directories named by ``spec``: sweep or run directories, or globs of them."""
+    patterns = [spec] if isinstance(spec, (str, Path)) else list(spec or [])
+    runs: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(str(pattern)))) or []
+        found = [run for match in matches for run in list_runs(match)]
+        if not found:
+            raise UserError(
+                f"ensemble.runs='{pattern}' names no run directory: give a sweep directory "
+                "(outputs/train/multiruns/<date>_<id>), run directories, or a glob of them "
+                "(each run has a .hydra/config.yaml)."
+            )
+        runs += [run for run in found if run not in runs]
+    return runs
+
+
+def read_run(path: Path) -> Run:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(path / ".hydra" / "config.yaml")
+    setting = flat_setting(cfg)
+    seed = cfg.get("seed")
+    if (path / "metrics.json").is_file():
+        seed = read_metrics(path).get("seed", seed)  # the seed drawn for seed=null
+    return Run(
+        path=path,
+        name=path.name,
+        task=cfg.get("task"),
+        seed=seed,
+        setting=setting,
+        failure=read_failure(path),
+    )
+
+
+def flat_setting(cfg) -> dict[str, Any]:
+    """``{"dotted.key": value}`` of a run's config without :data:`IGNORED_KEYS`, resolved.
+
+    Values that come from an ignored key (``${paths.output_dir}/checkpoints``), or that cannot be
+    resolved outside their run, keep their interpolation text: the same for every run.
+    """
+    from omegaconf import OmegaConf, open_dict
+
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    masked = OmegaConf.create(raw)
+    with open_dict(masked):
+        for key in (*IGNORED_KEYS, "hydra"):
+            if key in masked:
+                masked[key] = "<ignored>"  # interpolations into it no longer resolve
+    out: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if dotted in (*IGNORED_KEYS, "hydra"):
+                continue
+            if isinstance(value, dict):
+                walk(value, dotted + ".")
+                continue
+            if "${" in json.dumps(value):
+                try:
+                    resolved = OmegaConf.select(masked, dotted, throw_on_resolution_failure=True)
+                    if OmegaConf.is_config(resolved):
+                        resolved = OmegaConf.to_container(resolved, resolve=True)
+                    value = resolved
+                except Exception:
+                    pass  # keep the interpolation's text
+            out[dotted] = value
+
+    walk(raw, "")
+    return out
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Group runs by setting, in order of first appearance; label each by what differs."""
+    groups: dict[str, Group] = {}
+    for run in runs:
+        key = json.dumps(run.setting, sort_keys=True, default=str)
+        groups.setdefault(key, Group(setting=run.setting)).runs.append(run)
+    result = list(groups.values())
+    differing = differing_keys([g.setting for g in result])
+    for group in result:
+        group.label = {k: group.setting.get(k) for k in differing}
+    return result
+
+
+def differing_keys(settings: list[dict[str, Any]]) -> list[str]:
+    keys = sorted({k for s in settings for k in s})
+    return [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
+
+
+# ---------------------------------------------------------------------------- checks
+def load_members(members: list[Run]) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Every member's predictions per split (``test``; ``test_tta`` when all members have it)."""
+    out = {"test": [load_predictions(r.path, "test") for r in members]}
+    with_tta = [has_predictions(r.path, "test_tta") for r in members]
+    if all(with_tta):
+        out["test_tta"] = [load_predictions(r.path, "test_tta") for r in members]
+    elif any(with_tta):
+        log.warning(
+            "TTA predictions missing for %s: the report leaves TTA out.",
+            ", ".join(r.label for r, ok in zip(members, with_tta, strict=True) if not ok),
+        )
+    return out
+
+
+def check_members(members: list[Run], predictions: list[dict[str, np.ndarray]]) -> None:
+    """Refuse to average predictions that are not of the same samples, order and classes."""
+    first, ref = members[0], predictions[0]
+    split_seeds = {}
+    for run in members:
+        if (run.path / "metrics.json").is_file():
+            split_seeds[run.label] = read_metrics(run.path).get("split_seed")
+    if len(set(map(str, split_seeds.values()))) > 1:
+        raise UserError(
+            f"Members were tested on different data splits ({_pairs(split_seeds)}): an ensemble "
+            "averages predictions on one test set; give runs with the same data.split_seed."
+        )
+    for run, pred in zip(members[1:], predictions[1:], strict=True):
+        pair = f"{first.label} ({first.path}) and {run.label} ({run.path})"
+        if pred["class_names"].tolist() != ref["class_names"].tolist():
+            raise UserError(
+                f"{pair} predict different classes ({ref['class_names'].tolist()} vs "
+                f"{pred['class_names'].tolist()}): ensemble only runs trained on the same classes."
+            )
+        ids, ref_ids = pred["ids"].tolist(), ref["ids"].tolist()
+        if ids != ref_ids:
+            if sorted(ids) == sorted(ref_ids):
+                raise UserError(
+                    f"{pair} list the same test samples in a different order: their "
+                    "predictions cannot be averaged row by row; re-test one of them with the "
+                    "other's data settings (task=eval)."
+                )
+            raise UserError(
+                f"{pair} were tested on different samples ({len(ref_ids)} vs {len(ids)}, "
+                f"{len(set(ref_ids) ^ set(ids))} not shared): a different data split or data "
+                "set; ensemble only runs with the same data and data.split_seed."
+            )
+        if not np.array_equal(pred["targets"], ref["targets"]):
+            raise UserError(
+                f"{pair} give the same samples different labels: the data changed between the "
+                "runs; re-test them on the same data (task=eval)."
+            )
+
+
+def _pairs(mapping: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in mapping.items())
+
+
+# ---------------------------------------------------------------------------- scores
+def score_split(probs: list[np.ndarray], targets: np.ndarray) -> dict[str, Any]:
+    """Members' metrics, their mean/std, the ensemble's, its gain, and pairwise disagreement."""
+    members = [M.summarize(p, targets) for p in probs]
+    keys = list(members[0])
+    ensemble_probs = np.mean(np.stack([p.astype(np.float64) for p in probs]), axis=0)
+    ensemble = M.summarize(ensemble_probs, targets)
+    mean = {k: float(np.mean([m[k] for m in members])) for k in keys}
+    std = {k: float(np.std([m[k] for m in members], ddof=1)) for k in keys}
+    pairs = M.pairwise_disagreement(probs)
+    upper = pairs[np.triu_indices(len(probs), k=1)]
+    return {
+        "members": members,
+        "mean": mean,
+        "std": std,
+        "ensemble": ensemble,
+        "gain": {k: ensemble[k] - mean[k] for k in keys},
+        "disagreement": {"mean": float(upper.mean()), "pairs": pairs.tolist()},
+    }
+
+
+def build_report(group: Group, predictions: dict[str, list[dict]]) -> dict[str, Any]:
+    members = group.members
+    ref = predictions["test"][0]
+    metrics = {}
+    for run in members:
+        if (run.path / "metrics.json").is_file():
+            metrics[run.name] = read_metrics(run.path)
+    split_seed = next((m.get("split_seed") for m in metrics.values()), None)
+    tta = {
+        k[4:]: v for k, v in group.setting.items() if k.startswith("tta.") and k != "tta._target_"
+    }
+    report: dict[str, Any] = {
+        "setting": group.label,
+        "members": [{"run": r.name, "path": str(r.path), "seed": r.seed} for r in members],
+        "seeds": [r.seed for r in members],
+        "left_out": [
+            {"run": r.name, "path": str(r.path), "seed": r.seed, "reason": r.reason}
+            for r in group.left_out
+        ],
+        "test_set": {
+            "samples": len(ref["targets"]),
+            "classes": len(ref["class_names"]),
+            "class_names": ref["class_names"].tolist(),
+            "split_seed": split_seed,
+        },
+        "tta": tta if "test_tta" in predictions else None,
+        "notes": METRIC_NOTES,
+    }
+    for split, preds in predictions.items():
+        report[split] = score_split([p["probs"] for p in preds], ref["targets"])
+    return report
+
+
+# ---------------------------------------------------------------------------- output
+def _fmt(metric: str, value: float, *, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    sign = "+" if signed else ""
+    if metric.startswith("acc"):
+        return f"{value * 100:{sign}.2f}"
+    return f"{value:{sign}.4f}"
+
+
+def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the report table (members, mean ± std, ensemble, gain)."""
+    splits = [s for s in SPLITS if s in report]
+    header = ["model"]
+    for split in splits:
+        suffix = "" if split == "test" else " TTA"
+        header += [f"{name}{suffix}" for name in ("acc %", "NLL", "ECE", "Brier")]
+    rows = []
+    for i, member in enumerate(report["members"]):
+        row = [f"seed {member['seed']}"]
+        for split in splits:
+            row += [_fmt(k, report[split]["members"][i][k]) for k in METRICS]
+        rows.append(row)
+    mean_row, ens_row, gain_row = ["mean ± std"], ["ensemble"], ["gain over mean"]
+    for split in splits:
+        s = report[split]
+        mean_row += [f"{_fmt(k, s['mean'][k])} ± {_fmt(k, s['std'][k])}" for k in METRICS]
+        ens_row += [_fmt(k, s["ensemble"][k]) for k in METRICS]
+        gain_row += [_fmt(k, s["gain"][k], signed=True) for k in METRICS]
+    return header, [*rows, mean_row, ens_row, gain_row]
+
+
+def markdown(report: dict) -> str:
+    header, rows = table_rows(report)
+    test = report["test_set"]
+    seeds = ", ".join(str(s) for s in report["seeds"])
+    lines = [f"# Ensemble of {len(report['members'])} members (seeds {seeds})", ""]
+    if report["setting"]:
+        lines += [f"Setting: {', '.join(f'`{k}={v}`' for k, v in report['setting'].items())}", ""]
+    lines += [
+        f"Test set: {test['samples']} images, {test['classes']} classes, "
+        f"split_seed {test['split_seed']}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" + "---:|" * (len(header) - 1),
+        *("| " + " | ".join(row) + " |" for row in rows),
+        "",
+    ]
+    for split, name in SPLITS.items():
+        if split in report:
+            d = report[split]["disagreement"]
+            lines.append(
+                f"- Diversity ({name}): members disagree on {d['mean'] * 100:.2f} % of the test "
+                "images (mean over pairs)."
+            )
+    if report["tta"]:
+        lines.append(f"- TTA: {_tta_text(report['tta'])}.")
+    for run in report["left_out"]:
+        lines.append(f"- Left out: seed {run['seed']} (run {run['path']}): {run['reason']}")
+    lines += ["", report["notes"], ""]
+    return "\n".join(lines)
+
+
+def _tta_text(tta: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in tta.items() if k != "interpolation")
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    header, rows = table_rows(report)
+    seeds = ", ".join(str(s) for s in report["seeds"])
+    title = f"Ensemble of {len(report['members'])} members (seeds {seeds})"
+    if report["setting"]:
+        title += " - " + ", ".join(f"{k}={v}" for k, v in report["setting"].items())
+    caption = "TTA: " + _tta_text(report["tta"]) if report["tta"] else None
+    table = Table(title=title, caption=caption)
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+    for i, row in enumerate(rows):
+        table.add_row(*row, style="bold" if i == len(rows) - 2 else None)
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: do not squeeze the table into 80 columns
+        console = Console(width=200)
+    console.print(table)
+
+
+def write_report(
+    report: dict, predictions: dict[str, list[dict]], out_dir: Path, *, plots: bool = True
+) -> Path:
+    """``report.json``, ``report.md`` and (``plots``) ``reliability.png``, ``confusion.png``."""
+    write_json(out_dir / "report.json", report)
+    write_text(out_dir / "report.md", markdown(report))
+    if plots:
+        from lightning_modules.report_figures import confusion_figure, reliability_figure
+
+        targets = predictions["test"][0]["targets"]
+        names = predictions["test"][0]["class_names"].tolist()
+        panels = {}
+        for split, name in SPLITS.items():
+            if split in predictions:
+                probs = [p["probs"] for p in predictions[split]]
+                title = f"TTA {report['tta']['mode']}" if split == "test_tta" else name
+                panels[title] = (probs, np.mean(np.stack(probs), axis=0))
+        reliability_figure(
+            out_dir / "reliability.png",
+            panels,
+            targets,
+            member_labels=[f"seed {s}" for s in report["seeds"]],
+        )
+        ensemble = next(iter(panels.values()))[1]
+        confusion_figure(
+            out_dir / "confusion.png", ensemble, targets, names, title="Ensemble, single view"
+        )
+    return out_dir / "report.md"
+
+
+def _slug(label: dict[str, Any]) -> str:
+    text = ",".join(f"{k}={v}" for k, v in label.items()) or "all"
+    text = re.sub(r"[^A-Za-z0-9_.=,+-]+", "_", text)
+    if len(text) <= 80:
+        return text
+    return text[:70] + "_" + hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+# ---------------------------------------------------------------------------- entry points
+def report_runs(
+    paths: list[Path], out_dir: Path, *, plots: bool = True, strict: bool = False
+) -> list[Path]:
+    """Write one report per setting found among ``paths``; returns the ``report.md`` paths.
+
+    ``strict`` (the ``ensemble`` task): mismatched members and "nothing to report" raise
+    :class:`UserError`. Otherwise (after a multirun) they are logged and the others go on.
+    """
+    runs = []
+    for path in paths:
+        run = read_run(path)
+        if run.task in MEMBER_TASKS:
+            runs.append(run)
+        elif strict:
+            log.warning("%s is a task=%s run, not a member: skipped.", path, run.task)
+    if not runs:
+        if strict:
+            raise UserError(
+                "None of the runs is a train or eval run: give runs that wrote test predictions."
+            )
+        return []
+    groups = group_runs(runs)
+    several = len(groups) > 1
+    if several:
+        keys = ", ".join(differing_keys([g.setting for g in groups]))
+        log.info("Runs differ in %s: %d ensembles, one per setting.", keys, len(groups))
+    written = []
+    for group in groups:
+        members = group.members
+        for run in group.left_out:
+            log.warning("Left out of the ensemble: %s (%s): %s", run.label, run.path, run.reason)
+        if len(members) < MIN_MEMBERS:
+            log.warning(
+                "No ensemble report%s: %d member(s) finished (%s); it needs at least %d.",
+                f" for {group.title}" if several else "",
+                len(members),
+                ", ".join(r.label for r in members) or "none",
+                MIN_MEMBERS,
+            )
+            continue
+        try:
+            predictions = load_members(members)
+            for preds in predictions.values():
+                check_members(members, preds)
+        except UserError as err:
+            if strict:
+                raise
+            log.error("No ensemble report%s: %s", f" for {group.title}" if several else "", err)
+            continue
+        report = build_report(group, predictions)
+        target = out_dir / _slug(group.label) if several else out_dir
+        path = write_report(report, predictions, target, plots=plots)
+        print_table(report)
+        log.info("Ensemble report: %s", path)
+        written.append(path)
+    if strict and not written:
+        keys = differing_keys([g.setting for g in groups])
+        detail = (
+            f" The runs differ in more than the seed: {', '.join(keys[:8])}"
+            f"{' ...' if len(keys) > 8 else ''}; members of an ensemble share everything else."
+            if keys
+            else ""
+        )
+        raise UserError(
+            f"No ensemble: no setting has {MIN_MEMBERS} finished runs among the "
+            f"{len(runs)} given.{detail} Give runs of one multirun over seeds."
+        )
+    return written
+
+
+def ensemble_task(cfg) -> tuple[dict, dict]:
+    """``task=ensemble``: the report for existing runs (``ensemble.runs``), in the run directory."""
+    spec = cfg.ensemble.get("runs")
+    if not spec:
+        raise UserError(
+            "task=ensemble needs ensemble.runs: a sweep directory, run directories, or a glob, "
+            "e.g. ensemble.runs=outputs/train/multiruns/<date>_<id>."
+        )
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(spec):
+        spec = OmegaConf.to_container(spec)
+    out_dir = Path(cfg.paths.output_dir)
+    paths = find_runs(spec)
+    written = report_runs(paths, out_dir, plots=bool(cfg.ensemble.get("plots", True)), strict=True)
+    reports = [json.loads(p.with_name("report.json").read_text()) for p in written]
+    return {"reports": [str(p) for p in written]}, {"reports": reports}

@@ -1,0 +1,113 @@
+"""``task=eval``: test one checkpoint, or several as an ensemble, like the end of a training run.
+
+    python run.py task=eval ckpt_path=outputs/train/runs/<run>          # its best checkpoint
+    python run.py task=eval ckpt_path=outputs/train/multiruns/<sweep>   # all members: an ensemble
+    python run.py task=eval ckpt_path='[a.ckpt,b.ckpt]' tta=ten_crop seed=3
+
+Seeded (``seed``), on the test set of ``data`` (same split as training when ``data`` is the same:
+a warning says where the training run's data settings differ). Writes ``metrics.json``
+(``test/*``, ``test_tta/*``, ``checkpoints``) and ``predictions/test.npz`` (``test_tta.npz``) in
+its run directory, so its output is read like a training run's and can be an ensemble member.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from lightning_modules.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# data keys that decide which images are tested and which pixels the network sees
+DATA_KEYS = (
+    "source",
+    "root",
+    "classes",
+    "split_seed",
+    "val_fraction",
+    "test_fraction",
+    "image_size",
+    "mean",
+    "std",
+    "interpolation",
+    "eval_crop_pct",
+)
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
+    """Test ``cfg.ckpt_path`` (one checkpoint or an ensemble); returns ``(metrics, objects)``."""
+    from lightning_modules.ensemble import find_checkpoints, load_model
+    from lightning_modules.run_outputs import write_metrics
+    from run import instantiate, resolved_config, save_test_results, seed_run, tta_callback
+
+    out_dir = Path(cfg.paths.output_dir)
+    seed = seed_run(cfg.seed)
+    checkpoints = find_checkpoints(cfg.get("ckpt_path"))
+    warn_if_data_differs(checkpoints, cfg)
+    model = load_model(checkpoints)
+
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    trained_on = list(model.hparams.get("class_names") or [])
+    if trained_on and trained_on != datamodule.class_names:
+        raise UserError(
+            f"The checkpoint(s) predict classes {trained_on[:20]} but data has "
+            f"{datamodule.class_names[:20]}: evaluate on the data the model was trained on."
+        )
+
+    tta = tta_callback(cfg, datamodule)
+    loggers = [
+        instantiate(c, _convert_="all")
+        for c in (cfg.get("logger") or {}).values()
+        if isinstance(c, DictConfig) and "_target_" in c
+    ]
+    trainer = instantiate(cfg.trainer, callbacks=[tta] if tta else [], logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(resolved_config(cfg))
+    log.info("Run directory: %s", out_dir)
+    trainer.test(model, datamodule=datamodule)
+
+    metrics = {
+        "seed": seed,
+        "split_seed": datamodule.split_seed,
+        "checkpoints": [str(p) for p in checkpoints],
+        **{k: float(v) for k, v in trainer.callback_metrics.items()},
+    }
+    if trainer.is_global_zero:
+        save_test_results(out_dir, metrics, datamodule=datamodule, model=model, tta=tta)
+        write_metrics(out_dir, metrics)
+    summary = ", ".join(
+        f"{k}={metrics[k]:.4f}" for k in ("test/acc", "test/nll", "test_tta/acc") if k in metrics
+    )
+    log.info("%s: %s", "Ensemble" if len(checkpoints) > 1 else "Checkpoint", summary)
+    return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+
+
+def warn_if_data_differs(checkpoints: list[Path], cfg: DictConfig) -> None:
+    """Warn when a checkpoint's training run used other test data or eval pixels than ``cfg``."""
+    from omegaconf import OmegaConf
+
+    from lightning_modules.ensemble_report import flat_setting
+
+    now = _data_setting(flat_setting(cfg))
+    for ckpt in checkpoints:
+        run_config = ckpt.parent.parent / ".hydra" / "config.yaml"  # <run>/checkpoints/x.ckpt
+        if not run_config.is_file():
+            continue
+        then = _data_setting(flat_setting(OmegaConf.load(run_config)))
+        changed = [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+        if changed:
+            log.warning(
+                "%s was trained with other data settings: %s. Pass the training run's data "
+                "overrides to test it on the same images and pixels.",
+                ckpt,
+                "; ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in changed[:6]),
+            )
+
+
+def _data_setting(flat: dict) -> dict:
+    return {k: v for k, v in flat.items() if k.startswith("data.") and k.split(".")[1] in DATA_KEYS}

@@ -1,0 +1,446 @@
+"""Experiment trackers: wandb without an account, one wandb group per multirun, secret-free configs.
+
+- :func:`wandb_mode` decides where wandb runs go: ``WANDB_MODE`` or the config when set, else
+  ``online`` when you are logged in (``WANDB_API_KEY`` or a ``wandb login`` entry in ``~/.netrc``),
+  else ``offline``: runs are written to ``<run dir>/wandb/offline-run-*`` and uploaded later with
+  ``wandb sync``. Nothing ever needs an account or the network.
+- :func:`run_labels` names a run after its Hydra job: the group is the multirun's sweep directory
+  (every job of ``python run.py -m ...`` in one group), the name the job's overrides
+  (``model.optimizer.lr=0.001,seed=2``) and the job type the same without the seed (one job type
+  per hyperparameter setting: the members of one seed ensemble).
+- :func:`wandb_logger` and :func:`mlflow_logger` build Lightning loggers with those labels.
+- :func:`loggable_config` is the config every logger records: resolved, but never with the value
+  of an environment variable, and with secrets masked.
+- :func:`log_report_to_wandb` logs a finished ensemble report folder as a run of its own in the
+  members' group (:func:`wandb_report_options` gives its arguments from the multirun's config).
+
+Importing this module imports neither wandb nor Lightning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import netrc
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lightning_modules.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROJECT = "image-transfer"
+WANDB_MODES = ("online", "offline", "disabled")
+_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
+# overrides that say nothing about the model: left out of run names (as from ensemble settings)
+UNLABELLED_PREFIXES = ("paths.", "logger.", "hydra.", "hparams_search")
+MAX_LABEL = 64  # wandb's limit for tags and job types
+MASK = "***"
+_SECRET_NAME = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
+_ENV_INTERPOLATION = re.compile(r"\$\{\s*(oc\.env|env)\s*:")
+_announced: set[str] = set()
+
+
+# ---------------------------------------------------------------------------- where runs go
+def wandb_mode(
+    mode: str | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    netrc_file: str | Path | None = None,
+) -> tuple[str, str]:
+    """``(mode, why)``: ``mode`` if given, else ``$WANDB_MODE``, else online when logged in.
+
+    Logged in means ``WANDB_API_KEY`` is set or ``~/.netrc`` (``$NETRC``) holds a password for
+    the wandb host (``$WANDB_BASE_URL``, default ``api.wandb.ai``), which ``wandb login`` writes.
+    """
+    env = os.environ if environ is None else environ
+    if mode is not None:
+        chosen, why = _check_mode(mode, "logger.wandb.mode"), f"logger.wandb.mode={mode}"
+    elif env.get("WANDB_MODE"):
+        chosen, why = (
+            _check_mode(env["WANDB_MODE"], "WANDB_MODE"),
+            f"WANDB_MODE={env['WANDB_MODE']}",
+        )
+    elif env.get("WANDB_API_KEY"):
+        chosen, why = "online", "WANDB_API_KEY is set"
+    elif _netrc_login(env, netrc_file):
+        chosen, why = "online", "logged in (wandb login)"
+    else:
+        chosen, why = "offline", "no wandb login found"
+    return chosen, why
+
+
+def _check_mode(mode: str, source: str) -> str:
+    value = _MODE_ALIASES.get(str(mode).lower(), str(mode).lower())
+    if value not in WANDB_MODES:
+        raise UserError(
+            f"{source}='{mode}' is not a wandb mode: use one of {', '.join(WANDB_MODES)} "
+            "(or leave it unset: online when logged in, else offline)."
+        )
+    return value
+
+
+def _netrc_login(env: Mapping[str, str], netrc_file: str | Path | None) -> bool:
+    path = Path(netrc_file or env.get("NETRC") or Path.home() / ".netrc").expanduser()
+    host = urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        entry = netrc.netrc(str(path)).authenticators(host or "")
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def _announce(key: str, message: str, *args) -> None:
+    """Log ``message`` once per process (and only on the global rank 0)."""
+    if key in _announced or not is_rank_zero():
+        return
+    _announced.add(key)
+    log.info(message, *args)
+
+
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
+
+
+def is_rank_zero(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process is the global rank 0 (the one that writes logs, metrics, files).
+
+    Read from the variables that torchrun, SLURM and Lightning's DDP launcher set; a process
+    with none of them set is rank 0.
+    """
+    env = os.environ if environ is None else environ
+    return all(int(env[v]) == 0 for v in RANK_VARIABLES if env.get(v, "").strip().isdigit())
+
+
+# ---------------------------------------------------------------------------- run labels
+@dataclass(frozen=True)
+class RunLabels:
+    """How trackers name a run: its group (the multirun), name and job type."""
+
+    group: str
+    name: str
+    job_type: str
+
+
+def run_labels(*, seed: Any = None, run_dir: str | Path | None = None) -> RunLabels:
+    """Labels of the current Hydra job (``run_dir`` names the group outside of Hydra).
+
+    group: the sweep directory's name in a multirun, else the run directory's name.
+    name: the job's overrides, sorted, without ``paths.*``/``logger.*``, with the seed.
+    job_type: the same without the seed (one value per hyperparameter setting), or ``default``.
+    """
+    from hydra.types import RunMode
+
+    hydra = _hydra_config()
+    overrides = []
+    group = Path(run_dir).name if run_dir else "runs"
+    if hydra is not None:
+        multirun = OmegaConf.select(hydra, "mode", default=None) == RunMode.MULTIRUN
+        where = "sweep.dir" if multirun else "runtime.output_dir"
+        found = OmegaConf.select(hydra, where, default=None, throw_on_missing=False)
+        group = Path(str(found)).name if found else group
+        overrides = list(OmegaConf.select(hydra, "overrides.task", default=[]) or [])
+    setting = sorted(
+        {
+            key: item
+            for key, item in (_override_item(o) for o in overrides)
+            if key != "seed" and not key.startswith(UNLABELLED_PREFIXES)
+        }.items()
+    )
+    setting_text = ",".join(item for _, item in setting)
+    name = ",".join(filter(None, [setting_text, f"seed={seed}" if seed is not None else ""]))
+    return RunLabels(
+        group=group, name=name or "default", job_type=short_label(setting_text or "default")
+    )
+
+
+def _hydra_config() -> DictConfig | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def _override_item(override: str) -> tuple[str, str]:
+    item = str(override).lstrip("+~")
+    return item.split("=", 1)[0], item
+
+
+def short_label(text: str, limit: int = MAX_LABEL) -> str:
+    """``text`` cut to ``limit`` characters, a hash of the whole keeping cut labels distinct."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha1(text.encode()).hexdigest()[:6]
+    return f"{text[: limit - 7]}~{digest}"
+
+
+# ---------------------------------------------------------------------------- loggers
+def wandb_logger(
+    *,
+    save_dir: str | Path,
+    project: str | None = None,
+    entity: str | None = None,
+    mode: str | None = None,
+    group: str | None = None,
+    name: str | None = None,
+    job_type: str | None = None,
+    seed: Any = None,
+    tags: Sequence[str] = (),
+    log_model: bool = False,
+    settings: Mapping[str, Any] | None = None,
+    **init_kwargs: Any,
+):
+    """A Lightning ``WandbLogger`` writing into ``save_dir``, labelled by :func:`run_labels`.
+
+    ``mode``: see :func:`wandb_mode` (the choice is logged once per process). ``settings``:
+    ``wandb.Settings`` fields (the defaults in ``conf/logger/wandb.yaml`` keep start-up cheap).
+    Further keyword arguments go to ``wandb.init``.
+    """
+    import wandb
+    from pytorch_lightning.loggers import WandbLogger
+
+    chosen, why = wandb_mode(mode)
+    where = {
+        "online": "to wandb and to <run dir>/wandb/",
+        "offline": "to <run dir>/wandb/offline-run-*; upload them later with `wandb sync <dir>`",
+        "disabled": "nowhere",
+    }[chosen]
+    _announce("wandb", "wandb: %s (%s): runs go %s", chosen, why, where)
+    if log_model and chosen != "online":
+        _announce("wandb-log-model", "wandb: log_model needs online mode; checkpoints stay local.")
+        log_model = False
+    labels = run_labels(seed=seed, run_dir=save_dir)
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    logger = WandbLogger(
+        save_dir=str(save_dir),
+        project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+        entity=entity,
+        mode=chosen,
+        group=group or labels.group,
+        name=name or labels.name,
+        job_type=short_label(job_type or labels.job_type),
+        tags=[short_label(str(t)) for t in tags or ()],
+        log_model=log_model,
+        settings=wandb.Settings(**dict(settings or {})),
+        **init_kwargs,
+    )
+    # Lightning always passes anonymous=None, which wandb answers with a deprecation warning
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        init.pop("anonymous", None)
+    return logger
+
+
+def mlflow_logger(
+    *,
+    tracking_uri: str,
+    experiment_name: str = DEFAULT_PROJECT,
+    run_name: str | None = None,
+    seed: Any = None,
+    tags: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+):
+    """A Lightning ``MLFlowLogger``; runs tagged with :func:`run_labels`' group and job type.
+
+    A ``file:`` ``tracking_uri`` is MLflow's local file store (no server): MLflow 3 only accepts
+    it with ``MLFLOW_ALLOW_FILE_STORE=true``, which is set here for this process.
+    """
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    if tracking_uri.startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        Path(tracking_uri[len("file:") :]).expanduser().mkdir(parents=True, exist_ok=True)
+    labels = run_labels(seed=seed)
+    _announce("mlflow", "mlflow: runs go to %s (experiment %s)", tracking_uri, experiment_name)
+    return MLFlowLogger(
+        experiment_name=experiment_name,
+        run_name=run_name or labels.name,
+        tracking_uri=tracking_uri,
+        tags={"group": labels.group, "job_type": labels.job_type, **dict(tags or {})},
+        **kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------- the logged config
+def loggable_config(cfg: DictConfig) -> dict:
+    """The job's config as plain python for loggers: resolved, Hydra's node left out, and safe.
+
+    - a value taken from an environment variable (``${oc.env:...}``) is kept as its text, never
+      its value;
+    - values of keys named like secrets (``api_key``, ``token``, ``password``, ...) are masked;
+    - the value of any secret-named environment variable is masked wherever it appears.
+    """
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    out = {key: _resolved(cfg, key, value) for key, value in raw.items() if key != "hydra"}
+    return _mask(out, _secret_values(os.environ))
+
+
+def _resolved(node, key, raw):
+    """``node[key]`` resolved, except interpolations that read the environment (or fail)."""
+    if isinstance(raw, str) and "${" in raw:
+        if _ENV_INTERPOLATION.search(raw):
+            return raw
+        try:
+            value = node[key]
+        except Exception:  # e.g. ${hydra:...} outside of a Hydra run
+            return raw
+        if isinstance(value, (DictConfig, ListConfig)):
+            return _walk(value)
+        return value
+    if isinstance(raw, (dict, list)):
+        return _walk(node[key])
+    return raw
+
+
+def _walk(node):
+    raw = OmegaConf.to_container(node, resolve=False)
+    if isinstance(raw, dict):
+        return {key: _resolved(node, key, value) for key, value in raw.items()}
+    return [_resolved(node, i, value) for i, value in enumerate(raw)]
+
+
+def _secret_values(environ: Mapping[str, str]) -> list[str]:
+    return sorted(
+        {v for k, v in environ.items() if _SECRET_NAME.search(k) and len(v) >= 6},
+        key=len,
+        reverse=True,
+    )
+
+
+def _mask(value, secrets: list[str], key: str = ""):
+    if isinstance(value, dict):
+        return {k: _mask(v, secrets, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(v, secrets, key) for v in value]
+    if _SECRET_NAME.search(key) and value not in (None, "", False):
+        return MASK
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, MASK)
+    return value
+
+
+# ---------------------------------------------------------------------------- ensemble reports
+def log_report_to_wandb(
+    report_dir: str | Path,
+    group: str,
+    *,
+    project: str | None = None,
+    entity: str | None = None,
+    mode: str | None = None,
+    save_dir: str | Path | None = None,
+    tags: Sequence[str] = ("ensemble",),
+    settings: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """Log an ensemble report folder as wandb runs of their own in ``group``; their directories.
+
+    Every ``report.json`` in ``report_dir`` (itself, or one sub-folder per hyperparameter setting)
+    becomes one run of job type ``ensemble``: the ensemble's metrics in the summary under the
+    members' names (``test/acc``, ...), with ``_mean``, ``_std`` and ``_gain`` over the members,
+    the table (members, mean, std, ensemble, gain) and the folder's pictures.
+    """
+    import wandb
+
+    report_dir = Path(report_dir)
+    reports = sorted(report_dir.rglob("report.json"))
+    if not reports:
+        raise UserError(
+            f"No report.json in {report_dir}: give the ensemble report folder of a finished "
+            "multirun (<sweep dir>/ensemble)."
+        )
+    chosen, why = wandb_mode(mode)
+    _announce("wandb", "wandb: %s (%s)", chosen, why)
+    run_dirs = []
+    for path in reports:
+        report = json.loads(path.read_text())
+        setting = report.get("setting") or {}
+        label = ",".join(f"{k}={v}" for k, v in setting.items())
+        run = wandb.init(
+            project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+            entity=entity,
+            mode=chosen,
+            dir=str(save_dir or path.parent),
+            group=group,
+            job_type="ensemble",
+            name=f"ensemble {label}".strip(),
+            tags=[short_label(str(t)) for t in tags],
+            config={"setting": setting, "seeds": report.get("seeds"), "report": str(path)},
+            settings=wandb.Settings(**dict(settings or {"console": "off"})),
+            reinit="create_new",
+        )
+        try:
+            columns, rows = report_table(report)
+            images = {
+                f"report/{png.stem}": wandb.Image(str(png))
+                for png in sorted(path.parent.glob("*.png"))
+            }
+            run.log({"report/table": wandb.Table(columns=columns, data=rows), **images})
+            run.summary.update(report_summary(report))
+            run_dirs.append(Path(run.dir).parent)
+        finally:
+            run.finish()
+    return run_dirs
+
+
+def wandb_report_options(config: DictConfig) -> dict | None:
+    """Keyword arguments of :func:`log_report_to_wandb` for a finished multirun's ``config``
+    (its members' group, the wandb logger's project, entity, mode and settings), or None when
+    wandb is not among its loggers."""
+    wandb = OmegaConf.select(config, "logger.wandb", default=None)
+    if not wandb:
+        return None
+    options = {
+        key: OmegaConf.to_container(wandb[key], resolve=True)
+        if OmegaConf.is_config(wandb[key])
+        else wandb[key]
+        for key in ("project", "entity", "mode", "settings")
+        if key in wandb
+    }
+    return {"group": Path(str(config.hydra.sweep.dir)).name, **options}
+
+
+def _report_splits(report: Mapping) -> list[str]:
+    return [k for k, v in report.items() if isinstance(v, Mapping) and "ensemble" in v]
+
+
+def report_summary(report: Mapping) -> dict[str, float]:
+    """Flat summary metrics of one report: ``<split>/<metric>`` for the ensemble, plus
+    ``_mean``/``_std``/``_gain`` over its members and ``<split>/disagreement``."""
+    out: dict[str, float] = {"members": len(report.get("members") or [])}
+    for split in _report_splits(report):
+        scores = report[split]
+        for metric, value in scores["ensemble"].items():
+            out[f"{split}/{metric}"] = value
+            for part in ("mean", "std", "gain"):
+                if metric in (scores.get(part) or {}):
+                    out[f"{split}/{metric}_{part}"] = scores[part][metric]
+        disagreement = scores.get("disagreement") or {}
+        if "mean" in disagreement:
+            out[f"{split}/disagreement"] = disagreement["mean"]
+    return out
+
+
+def report_table(report: Mapping) -> tuple[list[str], list[list[Any]]]:
+    """Columns and rows: one row per member (by seed), then mean, std, ensemble and gain."""
+    splits = _report_splits(report)
+    metrics = [(split, metric) for split in splits for metric in report[split]["ensemble"]]
+    columns = ["model", *(f"{split}/{metric}" for split, metric in metrics)]
+    rows = []
+    for i, member in enumerate(report.get("members") or []):
+        row = [f"seed {member.get('seed')}"]
+        row += [_member_value(report[split], i, metric) for split, metric in metrics]
+        rows.append(row)
+    for part in ("mean", "std", "ensemble", "gain"):
+        rows.append([part, *((report[s].get(part) or {}).get(m) for s, m in metrics)])
+    return columns, rows
+
+
+def _member_value(scores: Mapping, i: int, metric: str):
+    members = scores.get("members") or []
+    return members[i].get(metric) if i < len(members) else None
