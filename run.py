@@ -225,6 +225,9 @@ def tta_callback(cfg: DictConfig, datamodule):
     """The callback that tests with ``cfg.tta`` as well, or None for ``tta=none``."""
     if not cfg.get("tta"):
         return None
+    if getattr(datamodule, "tasks", None) is not None:
+        log.info("Test-time augmentation averages class probabilities: multi-task runs skip it.")
+        return None
     tta = instantiate(
         cfg.tta,
         mirror_invariant=datamodule.mirror_invariant,
