@@ -212,6 +212,7 @@ def test_device_jitter_is_seeded_and_advances_per_batch():
     augment = {"pca": {"sigma": 0.5, "eigen": "imagenet", "where": "device"}}
     dm = ImageDataModule(source=DigitsSource(image_size=8), image_size=8, augment=augment)
     dm.setup()
+
     def batch():  # a fresh batch each time: the jitter works in place
         return (torch.zeros(4, 3, 8, 8), torch.zeros(4), torch.arange(4))
 
