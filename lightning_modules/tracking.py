@@ -133,8 +133,10 @@ def run_labels(*, seed: Any = None, run_dir: str | Path | None = None) -> RunLab
     """Labels of the current Hydra job (``run_dir`` names the group outside of Hydra).
 
     group: the sweep directory's name in a multirun, else the run directory's name.
-    name: the job's overrides, sorted, without ``paths.*``/``logger.*``, with the seed.
-    job_type: the same without the seed (one value per hyperparameter setting), or ``default``.
+    name: the job's overrides, sorted, without those of :data:`UNLABELLED_PREFIXES` (where files
+    and logs go), then the seed.
+    job_type: the same without the seed (one value per hyperparameter setting), or ``default``;
+    at most 64 characters (wandb's limit; a cut label ends with a hash of the whole).
     """
     from hydra.types import RunMode
 
@@ -202,7 +204,7 @@ def wandb_logger(
     ``wandb.Settings`` fields (the defaults in ``conf/logger/wandb.yaml`` keep start-up cheap).
     Further keyword arguments go to ``wandb.init``.
     """
-    import wandb
+    wandb = _require("wandb", "wandb")
     from pytorch_lightning.loggers import WandbLogger
 
     chosen, why = wandb_mode(mode)
@@ -251,6 +253,7 @@ def mlflow_logger(
     A ``file:`` ``tracking_uri`` is MLflow's local file store (no server): MLflow 3 only accepts
     it with ``MLFLOW_ALLOW_FILE_STORE=true``, which is set here for this process.
     """
+    _require("mlflow", "mlflow-skinny")
     from pytorch_lightning.loggers import MLFlowLogger
 
     if tracking_uri.startswith("file:"):
@@ -265,6 +268,18 @@ def mlflow_logger(
         tags={"group": labels.group, "job_type": labels.job_type, **dict(tags or {})},
         **kwargs,
     )
+
+
+def _require(module: str, package: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise UserError(
+            f"The {module} logger needs the `{package}` package: `pip install {package}`, or "
+            "pick another logger (e.g. logger=csv)."
+        ) from err
 
 
 # ---------------------------------------------------------------------------- the logged config

@@ -26,6 +26,11 @@ FAST = [
 ]
 
 
+# One math thread per process for runs in subprocesses: on a busy 2-core machine torch's default
+# (a thread per core, spin-waiting for each other) makes a small run 3-4x slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def compose_cfg(tmp_path: Path, overrides: list[str] = (), *, fast: bool = True):
     """The composed config as ``python run.py`` would see it, writing into ``tmp_path``."""
     from hydra import compose, initialize_config_dir

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import yaml
 
 from lightning_modules.run_outputs import read_metrics
-from tests.conftest import FAST, compose_cfg, run_cli
+from tests.conftest import FAST, ONE_THREAD, compose_cfg, run_cli
 
 # a tiny job: two batches of training, one of validation and test
 TINY = [
@@ -53,6 +53,7 @@ def test_optuna_search_of_three_trials_survives_a_failed_trial(tmp_path):
         "+callbacks.fail.fail_job=1",
         f"paths.log_dir={tmp_path}",
         f"hydra.sweep.dir={sweep}",
+        env=ONE_THREAD,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -146,6 +147,7 @@ def test_submitit_job_lands_in_the_sweep_and_the_multirun_end_sees_it(tmp_path):
         *TINY,
         "+hydra.callbacks.trials_table._target_=callbacks.trials_table.TrialsTable",
         f"paths.log_dir={logs}",
+        env=ONE_THREAD,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -21,7 +21,7 @@ from lightning_modules.tracking import (
     wandb_mode,
     wandb_report_options,
 )
-from tests.conftest import FAST, run_cli
+from tests.conftest import FAST, ONE_THREAD, run_cli
 
 SECRET = "wbkey-9f3c1e77d2a84b6c8e0f5a1d2c3b4a59"
 
@@ -102,7 +102,7 @@ def test_multirun_logs_each_job_as_its_own_offline_wandb_run_in_one_group(tmp_pa
         "trainer.limit_test_batches=1",
         f"paths.log_dir={tmp_path}",
         f"hydra.sweep.dir={sweep}",
-        env=_tracker_env(tmp_path),
+        env={**ONE_THREAD, **_tracker_env(tmp_path)},
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
