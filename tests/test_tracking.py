@@ -200,7 +200,7 @@ def test_run_labels_name_the_sweep_setting_and_seed(cfg_factory):
         cfg.hydra.overrides.task = [
             "seed=2",
             "model.optimizer.lr=0.001",
-            "paths.log_dir=/tmp/x",
+            "paths.log_dir=/somewhere/else",
             "+model.label_smoothing=0.1",
             "hparams_search=optuna",
         ]
