@@ -66,7 +66,7 @@ def test_optuna_search_of_three_trials_survives_a_failed_trial(tmp_path):
         ("1", "failed"),  # ... as failed, in trials.csv
         ("2", "complete"),  # and the search went on
     ]
-    assert rows[1]["val/acc_best"] == "" and "no metrics.json" in rows[1]["error"]
+    assert rows[1]["val/acc_best"] == "" and "breaks on purpose" in rows[1]["error"]
     space = ["model.optimizer.lr", "model.optimizer.weight_decay", "model.drop_rate", "augment"]
     for row in rows:
         job = sweep / row["job"]
