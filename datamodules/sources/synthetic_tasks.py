@@ -50,7 +50,7 @@ def generate(
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
     images = np.empty((n, 3, s, s), dtype=np.float32)
     radius = s * 0.2
-    half = max(1, round(s / 12))  # the marker is a (2·half)² square
+    half = max(1, round(s / 8))  # the marker is a (2·half)² square
     for i in range(n):
         img = np.full((3, s, s), brightness[i] / 100.0, dtype=np.float32)
         img += rng.normal(0.0, 0.03, size=img.shape).astype(np.float32)
@@ -58,7 +58,7 @@ def generate(
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
         img[:, disc] = 0.0
         img[colour[i], disc] = 1.0
-        if marker[i]:  # in a corner region, away from the disc
+        if marker[i]:  # in a corner region (it may clip the edge of the disc)
             my, mx = rng.uniform(0.12, 0.25, 2) * s
             if rng.random() < 0.5:
                 mx = s - mx
