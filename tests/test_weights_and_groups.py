@@ -119,8 +119,13 @@ def test_timm_pretrained_path_loads_a_local_file_offline(tmp_path):
 
 
 def test_offline_hub_failure_says_how_to_pass_a_local_file(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hf
+
+    # huggingface_hub reads its environment once, when first imported (earlier in the session):
+    # set its constants too, or the download waits for network time-outs instead of failing fast
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))  # nothing cached
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     from lightning_modules.backbone import create_backbone
 
