@@ -8,7 +8,6 @@ arguments, and it loads with ``torch.load(weights_only=True)`` (no pickled code 
 from __future__ import annotations
 
 import glob
-import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_modules.checkpoints import model_from_checkpoint
 from lightning_modules.errors import UserError
 from lightning_modules.image_classifier import ImageClassifier
 from lightning_modules.run_outputs import list_runs, read_failure, read_metrics
@@ -88,41 +88,14 @@ def _best_checkpoint(run: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------------------- loading them
-def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint's dict, loaded without unpickling code; refused with a clear message."""
-    path = Path(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(
-            f"Cannot load checkpoint '{path}' ({type(err).__name__}: {str(err)[:200]}): give a "
-            "checkpoint written by this framework (checkpoints/best.ckpt of a run)."
-        ) from err
-    if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= set(
-        checkpoint
-    ):
-        raise UserError(
-            f"'{path}' is not a checkpoint of this framework (no state_dict/hyper_parameters): "
-            "give checkpoints/best.ckpt of a training run."
-        )
-    return checkpoint
-
-
 def load_classifier(path: str | Path) -> ImageClassifier:
     """Rebuild an :class:`ImageClassifier` from its checkpoint alone (no pretrained download)."""
-    checkpoint = read_checkpoint(path)
-    accepted = inspect.signature(ImageClassifier.__init__).parameters
-    kwargs = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
-    kwargs.update(pretrained=False, weights=None)  # the weights are in the checkpoint
-    model = ImageClassifier(**kwargs)
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as err:
+    model = model_from_checkpoint(path)
+    if not isinstance(model, ImageClassifier):
         raise UserError(
-            f"Checkpoint '{path}' does not fit the model its hyper_parameters describe "
-            f"({str(err).splitlines()[0]}): it was written by an incompatible version."
-        ) from err
-    model.eval()
+            f"'{path}' is a multi-task checkpoint: eval, predict and ensembles take classifiers; "
+            "use task=visualize for multi-task models."
+        )
     return model
 
 

@@ -56,33 +56,10 @@ def find_checkpoint(path: str | Path | None) -> Path:
 
 
 def model_from_checkpoint(path: str | Path):
-    """Rebuild a trained model from its checkpoint (hyper-parameters + weights), in eval mode.
+    """Rebuild a trained model from its checkpoint, or a run directory's best one, in eval mode."""
+    from lightning_modules import checkpoints
 
-    Loaded with ``torch.load(weights_only=True)``; the backbone is created without downloading
-    anything (``pretrained=False``): every weight comes from the checkpoint.
-    """
-    from lightning_modules.image_classifier import ImageClassifier
-    from lightning_modules.multitask import MultiTaskModel
-
-    path = find_checkpoint(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(
-            f"Could not read '{path}' as a checkpoint of this framework ({type(err).__name__}): "
-            "give a checkpoints/*.ckpt file written by a training run."
-        ) from err
-    hparams = dict(ckpt.get("hyper_parameters") or {})
-    if "backbone" not in hparams or "state_dict" not in ckpt:
-        raise UserError(
-            f"'{path}' is not a checkpoint of this framework (no backbone in its "
-            "hyper-parameters): give a checkpoints/*.ckpt file written by a training run."
-        )
-    hparams.update(pretrained=False, weights=None)
-    cls = MultiTaskModel if "tasks" in hparams else ImageClassifier
-    model = cls(**hparams)
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
+    return checkpoints.model_from_checkpoint(find_checkpoint(path))
 
 
 @dataclass
