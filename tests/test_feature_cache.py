@@ -108,7 +108,9 @@ def test_progressive_head_stage_trains_on_cached_features_then_on_images(
     calls = []
     real_compute = feature_cache.compute_features
     monkeypatch.setattr(
-        feature_cache, "compute_features", lambda *a, **k: calls.append(a[2]) or real_compute(*a, **k)
+        feature_cache,
+        "compute_features",
+        lambda *a, **k: calls.append(a[2]) or real_compute(*a, **k),
     )
     feature_cache._MEMORY.clear()
     cfg = compose_cfg(tmp_path / "cached", [*common, "finetune.cache_features=true"])
