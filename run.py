@@ -63,8 +63,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     loggers = _instantiate_all(cfg.get("logger"))
     callbacks = _instantiate_all(cfg.get("callbacks"))
     callbacks.append(StepSeed(seed))
-    if finetuning.callback_kwargs is not None:
-        callbacks.append(finetuning.make_callback())
+    unfreeze = finetuning.make_callback()  # None unless layer groups are frozen at some point
+    callbacks += [unfreeze] if unfreeze else []
     if not loggers:
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
     tta = tta_callback(cfg, datamodule)
@@ -76,12 +76,15 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     log.info("Run directory: %s", out_dir)
     fit_data = datamodule
     if finetuning.cache_features:  # frozen backbone: train the head on features computed once
-        from lightning_modules.feature_cache import FeatureDataModule, cached_features
+        from lightning_modules.feature_cache import feature_data
 
-        features = cached_features(
-            model.net, datamodule, cache_dir=Path(cfg.paths.data_dir) / "cache" / "features"
+        fit_data = feature_data(
+            model,
+            datamodule,
+            unfreeze=unfreeze,
+            trainer=trainer,
+            cache_dir=Path(cfg.paths.data_dir) / "cache" / "features",
         )
-        fit_data, model.inputs = FeatureDataModule(features, datamodule), "features"
     trainer.fit(model, datamodule=fit_data, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = {
         "seed": seed,
@@ -92,7 +95,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     if best is None:
         log.warning("No best checkpoint (no ModelCheckpoint callback): testing the final weights.")
-    model.inputs = "images"  # test on images (with TTA) even when the head trained on features
+    # on images (with TTA) even when the head trained on features
     trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
     metrics.update(_scalars(trainer.callback_metrics))
     metrics["best_ckpt"] = str(Path(best).relative_to(out_dir)) if best else None

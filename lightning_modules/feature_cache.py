@@ -1,10 +1,12 @@
 """Frozen-feature cache: run a frozen backbone once, then train the head on its features.
 
-When the backbone stays frozen for the whole run (``finetune=linear_probe``) and the training
-images are not augmented, every epoch would push the same images through the same frozen
-backbone. Instead, each split's pooled features (``forward_features`` → ``forward_head(
-pre_logits=True)``, the input of the classifier) are computed once with the eval transform and
-the head trains on them: the same result as the uncached path, at a fraction of the cost.
+While the backbone is frozen (``finetune=linear_probe``: the whole run; ``finetune=progressive``:
+the head-only stage before the first group is unfrozen), every epoch would push the same images
+through the same frozen backbone. Instead, each split's pooled features (``forward_features`` →
+``forward_head(pre_logits=True)``, the input of the classifier) are computed once with the eval
+transform and the head trains on them: the result of the uncached path without training
+augmentation, at a fraction of the cost. Augmentation (if any) applies from the first unfrozen
+stage on; ``finetune.cache_features=false`` augments the frozen phase too, at full cost.
 
 Features are kept in memory for the process (a multirun computes them once) and in
 ``<cache dir>/<key>.pt``; the key hashes the backbone's actual weights, the data (source, split,
@@ -101,6 +103,38 @@ def cached_features(net: torch.nn.Module, datamodule, *, cache_dir: str | Path |
     return feats
 
 
+def feature_data(model, datamodule, *, unfreeze, trainer, cache_dir) -> pl.LightningDataModule:
+    """The data module to fit on: cached features while the backbone is frozen, else images.
+
+    ``unfreeze``: the run's ``ProgressiveUnfreeze`` (its plan says how long the head trains
+    alone), or ``None`` (linear probe without one: frozen for the whole run).
+    """
+    until = None  # frozen for the whole run
+    if unfreeze is not None:
+        plan = unfreeze.make_plan(model.net, max_epochs=trainer.max_epochs)
+        until = min((e for e in plan.unfreeze_epochs[:-1] if e is not None), default=None)
+    if until == 0:
+        log.info("Frozen features: not cached, the backbone trains from the first epoch.")
+        return datamodule
+    if until is not None and trainer.world_size > 1:
+        log.info("Frozen features: not cached for the head-only stage under DDP; images instead.")
+        return datamodule
+    augmented = repr(datamodule.train_transform()) != repr(datamodule.eval_transform()) or (
+        getattr(datamodule, "batch_augment", None) is not None
+    )
+    if augmented:
+        stage = "the whole run" if until is None else f"epochs 0-{until - 1}"
+        later = "" if until is None else f"; augmentation applies from epoch {until} on"
+        log.info(
+            "Frozen features: the head trains on un-augmented images for %s%s "
+            "(finetune.cache_features=false augments every epoch, at full cost).",
+            stage,
+            later,
+        )
+    features = cached_features(model.net, datamodule, cache_dir=cache_dir)
+    return FeatureDataModule(features, datamodule, until_epoch=until)
+
+
 class FeatureDataset(Dataset):
     """``(feature, target, row)`` items, keyed like the image datasets (``(epoch, row)`` too)."""
 
@@ -117,26 +151,85 @@ class FeatureDataset(Dataset):
 
 
 class FeatureDataModule(pl.LightningDataModule):
-    """Cached features in place of images, in the same splits, rows and training order."""
+    """Cached features in place of images, in the same splits, rows and training order.
 
-    def __init__(self, features: dict[str, torch.Tensor], image_datamodule) -> None:
+    ``until_epoch=None`` (linear probe): features for the whole run, validation included.
+    ``until_epoch=k`` (progressive): training batches are features before epoch ``k`` and images
+    from it on; validation and test always see images (the image data module's hooks, such as
+    on-device augmentation, apply to image batches).
+    """
+
+    def __init__(
+        self,
+        features: dict[str, torch.Tensor],
+        image_datamodule,
+        *,
+        until_epoch: int | None = None,
+    ) -> None:
         super().__init__()
         self.dm = image_datamodule
+        self.until_epoch = until_epoch
         self.datasets = {
             s: FeatureDataset(features[s], _batch_targets(image_datamodule.datasets[s]))
             for s in SPLITS
         }
 
-    def train_dataloader(self) -> DataLoader:
-        ds = self.datasets["train"]
-        sampler = EpochSampler(len(ds), seed=self.dm.seed, trainer=getattr(self, "trainer", None))
-        return DataLoader(ds, batch_size=self.dm.batch_size, sampler=sampler)
+    def _feature_loader(self, split: str):
+        ds = self.datasets[split]
+        if split != "train":
+            return DataLoader(ds, batch_size=self.dm.eval_batch_size)
+        trainer = getattr(self, "trainer", None)
+        batch_size = self.dm.batch_size
+        # the image loader's rule (a last batch of one sample is dropped): same batches per epoch
+        drop_last = len(ds) > batch_size and len(ds) % batch_size == 1
+        sampler = EpochSampler(len(ds), seed=self.dm.seed, trainer=trainer)
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
+
+    def train_dataloader(self):
+        features = self._feature_loader("train")
+        if self.until_epoch is None:
+            return features
+        self.dm.trainer = self.trainer  # the image loader's sampler and hooks read the epoch
+        return HeadStageLoader(
+            features, self.dm.train_dataloader(), until_epoch=self.until_epoch, trainer=self.trainer
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["val"], batch_size=self.dm.eval_batch_size)
+        if self.until_epoch is None:
+            return self._feature_loader("val")
+        self.dm.trainer = self.trainer
+        return self.dm.val_dataloader()
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["test"], batch_size=self.dm.eval_batch_size)
+        if self.until_epoch is None:
+            return self._feature_loader("test")
+        return self.dm.test_dataloader()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if batch[0].ndim == 2:  # features: nothing to augment
+            return batch
+        return self.dm.on_after_batch_transfer(batch, dataloader_idx)
+
+
+class HeadStageLoader:
+    """Training batches of cached features before ``until_epoch``, of images from it on.
+
+    Both loaders draw rows in the same order (``EpochSampler``, same seed) and have the same
+    number of batches, so the epoch's data is the same either way, only its form differs.
+    """
+
+    def __init__(self, features: DataLoader, images: DataLoader, *, until_epoch: int, trainer):
+        if len(features) != len(images):  # guards the invariant above
+            raise RuntimeError(f"{len(features)} feature batches vs {len(images)} image batches")
+        self.features, self.images = features, images
+        self.until_epoch, self.trainer = int(until_epoch), trainer
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __iter__(self):
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        return iter(self.features if epoch < self.until_epoch else self.images)
 
 
 def _batch_targets(dataset):

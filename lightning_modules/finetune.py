@@ -4,7 +4,8 @@
 - ``linear_probe``: backbone frozen for the whole run; only the new head trains (feature
   extraction). Its features can be cached (``cache_features``).
 - ``progressive``: head first, then timm layer groups unfrozen from the top on a schedule, each
-  with its own LR (``callbacks.progressive_unfreeze``).
+  with its own LR (``callbacks.progressive_unfreeze``). The head-only stage can train on cached
+  features (``cache_features``).
 - ``full``: everything trainable from the pretrained init, with discriminative LRs.
 - ``auto``: the rule of thumb made explicit (thresholds are training images per class):
 
@@ -132,5 +133,6 @@ def build_finetuning(
         reason,
         callback,
         use_weights=True,
-        cache_features=cache and name == "linear_probe",
+        # auto caches for linear_probe only; progressive's head stage when asked for explicitly
+        cache_features=cache and (name == "linear_probe" or name == conf.get("name")),
     )

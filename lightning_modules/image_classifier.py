@@ -67,8 +67,6 @@ class ImageClassifier(pl.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         # set by callbacks.ProgressiveUnfreeze before configure_optimizers; None = all trainable
         self.finetune_plan = None
-        # "images", or "features" while the head trains on cached backbone features
-        self.inputs = "images"
         self.net = create_backbone(
             name=backbone,
             num_classes=num_classes,
@@ -90,7 +88,7 @@ class ImageClassifier(pl.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inputs == "features":  # cached pre-logit features (lightning_modules.feature_cache)
+        if x.ndim == 2:  # cached pre-logit features (lightning_modules.feature_cache)
             x = F.dropout(x, p=self.hparams.drop_rate, training=self.training)
             return self.net.get_classifier()(x)
         return self.net(x)

@@ -112,8 +112,6 @@ class MultiTaskModel(pl.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         # set by callbacks.ProgressiveUnfreeze before configure_optimizers; None = all trainable
         self.finetune_plan = None
-        # "images", or "features" while the heads train on cached backbone features
-        self.inputs = "images"
         self.net = create_backbone(
             name=backbone,
             num_classes=1,  # a linear classifier to take the place of
@@ -134,7 +132,7 @@ class MultiTaskModel(pl.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.inputs == "features":  # cached pre-logit features (lightning_modules.feature_cache)
+        if x.ndim == 2:  # cached pre-logit features (lightning_modules.feature_cache)
             x = F.dropout(x, p=self.hparams.drop_rate, training=self.training)
             return self.net.get_classifier()(x)
         out = self.net(x)
