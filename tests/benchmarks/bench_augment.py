@@ -91,14 +91,15 @@ def test_light_pipeline_keeps_training_throughput(tmp_path):
     }
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     load = os.getloadavg()[0]
-    for rep in range(3):  # interleaved, so drifting machine load hits every variant alike
+    reps = int(os.environ.get("BENCH_REPS", "3"))
+    for rep in range(reps):  # interleaved, so drifting machine load hits every variant alike
         for name, overrides in variants.items():
             runs[name].append(_train_speed(tmp_path / f"{rep}", overrides))
     speed = {name: max(r["img_per_s"] for r in rs) for name, rs in runs.items()}
     cpu = {name: min(r["cpu_ms_per_img"] for r in rs) for name, rs in runs.items()}
     print(
         f"\nTraining speed, resnet10t on 32 px digits, batch 64, CPU x{torch.get_num_threads()}"
-        f" (load average {load:.1f} before, {os.getloadavg()[0]:.1f} after; best of 3):"
+        f" (load average {load:.1f} before, {os.getloadavg()[0]:.1f} after; best of {reps}):"
     )
     for name in variants:
         walls = ", ".join(f"{r['img_per_s']:.0f}" for r in runs[name])
@@ -153,3 +154,30 @@ def test_pca_jitter_cost_per_image_both_ways(size):
     for name, us in rows:
         print(f"  {name:44s} {us:8.2f} us/image")
     assert all(us > 0 for _, us in rows)
+
+
+def test_per_image_pipeline_cost_of_each_preset(tmp_path):
+    """CPU time of the per-image training transform of every preset (one worker's view)."""
+    from run import instantiate
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a data-loader worker
+    print("\nPer-image training transform, 32 px digits, 1 thread (PCA in the transform):")
+    try:
+        for name in ("none", "light", "strong", "resnet"):
+            cfg = compose_cfg(tmp_path, [f"augment={name}", "augment.pca.where=worker"])
+            dm = instantiate(cfg.data, _convert_="all")
+            dm.setup("fit")
+            train = dm.datasets["train"]
+            images = [train.pool.load(int(i)) for i in train.indices[:200]]
+            tf = dm.train_transform()
+            best = float("inf")
+            for _ in range(5):
+                start = time.perf_counter()
+                for image in images:
+                    tf(image)
+                best = min(best, (time.perf_counter() - start) / len(images) * 1e6)
+            print(f"  {name:8s} {best:8.1f} us/image")
+            assert best > 0
+    finally:
+        torch.set_num_threads(threads)
