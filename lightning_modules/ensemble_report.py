@@ -76,6 +76,7 @@ class Run:
     seed: Any
     setting: dict[str, Any]
     failure: dict | None = None
+    overrides: dict[str, str] = field(default_factory=dict)  # command line, without IGNORED_KEYS
 
     @property
     def complete(self) -> bool:
@@ -98,7 +99,8 @@ class Group:
 
     setting: dict[str, Any]
     runs: list[Run] = field(default_factory=list)
-    label: dict[str, Any] = field(default_factory=dict)  # what sets it apart from other groups
+    label: dict[str, Any] = field(default_factory=dict)  # config keys that set it apart
+    name: dict[str, str] = field(default_factory=dict)  # the overrides that set it apart
 
     @property
     def members(self) -> list[Run]:
@@ -110,7 +112,7 @@ class Group:
 
     @property
     def title(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.label.items()) or "all runs"
+        return ", ".join(f"{k}={v}" for k, v in (self.name or self.label).items()) or "all runs"
 
 
 def find_runs(spec: str | Path | list | tuple) -> list[Path]:
@@ -145,7 +147,24 @@ def read_run(path: Path) -> Run:
         seed=seed,
         setting=setting,
         failure=read_failure(path),
+        overrides=read_overrides(path),
     )
+
+
+def read_overrides(path: Path) -> dict[str, str]:
+    """The run's command-line overrides (``augment=none``), :data:`IGNORED_KEYS` left out."""
+    from omegaconf import OmegaConf
+
+    file = path / ".hydra" / "overrides.yaml"
+    if not file.is_file():
+        return {}
+    out = {}
+    for item in OmegaConf.load(file):
+        key, _, value = str(item).partition("=")
+        key = key.lstrip("+~")
+        if key.split(".")[0] not in (*IGNORED_KEYS, "hydra"):
+            out[key] = value
+    return out
 
 
 def flat_setting(cfg) -> dict[str, Any]:
@@ -196,6 +215,13 @@ def group_runs(runs: list[Run]) -> list[Group]:
     differing = differing_keys([g.setting for g in result])
     for group in result:
         group.label = {k: group.setting.get(k) for k in differing}
+    # name each group by the overrides that tell them apart (augment=none rather than the
+    # dozen config keys a preset changes), when those tell every group apart
+    named = differing_keys([g.runs[0].overrides for g in result])
+    names = [{k: g.runs[0].overrides.get(k) for k in named} for g in result]
+    if named and len({json.dumps(n, sort_keys=True) for n in names}) == len(result):
+        for group, name in zip(result, names, strict=True):
+            group.name = name
     return result
 
 
@@ -296,6 +322,7 @@ def build_report(group: Group, predictions: dict[str, list[dict]]) -> dict[str, 
     }
     report: dict[str, Any] = {
         "setting": group.label,
+        "name": group.title,
         "members": [{"run": r.name, "path": str(r.path), "seed": r.seed} for r in members],
         "seeds": [r.seed for r in members],
         "left_out": [
@@ -354,7 +381,11 @@ def markdown(report: dict) -> str:
     seeds = ", ".join(str(s) for s in report["seeds"])
     lines = [f"# Ensemble of {len(report['members'])} members (seeds {seeds})", ""]
     if report["setting"]:
-        lines += [f"Setting: {', '.join(f'`{k}={v}`' for k, v in report['setting'].items())}", ""]
+        title = report.get("name") or _title(report["setting"])
+        lines += [f"Setting: `{title}`", ""]
+        if title != _title(report["setting"]):  # a preset: the keys it changes
+            changed = ", ".join(f"`{k}={v}`" for k, v in report["setting"].items())
+            lines += [f"Its configuration differs from the other settings in {changed}.", ""]
     lines += [
         f"Test set: {test['samples']} images, {test['classes']} classes, "
         f"split_seed {test['split_seed']}.",
@@ -391,7 +422,7 @@ def print_table(report: dict) -> None:
     seeds = ", ".join(str(s) for s in report["seeds"])
     title = f"Ensemble of {len(report['members'])} members (seeds {seeds})"
     if report["setting"]:
-        title += " - " + ", ".join(f"{k}={v}" for k, v in report["setting"].items())
+        title += " - " + (report.get("name") or _title(report["setting"]))
     caption = "TTA: " + _tta_text(report["tta"]) if report["tta"] else None
     table = Table(title=title, caption=caption)
     for i, name in enumerate(header):
@@ -432,6 +463,10 @@ def write_report(
             out_dir / "confusion.png", ensemble, targets, names, title="Ensemble, single view"
         )
     return out_dir / "report.md"
+
+
+def _title(label: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in label.items())
 
 
 def _slug(label: dict[str, Any]) -> str:
@@ -493,7 +528,7 @@ def report_runs(
             log.error("No ensemble report%s: %s", f" for {group.title}" if several else "", err)
             continue
         report = build_report(group, predictions)
-        target = out_dir / _slug(group.label) if several else out_dir
+        target = out_dir / _slug(group.name or group.label) if several else out_dir
         path = write_report(report, predictions, target, plots=plots)
         print_table(report)
         log.info("Ensemble report: %s", path)

@@ -375,7 +375,7 @@ def log_report_to_wandb(
     for path in reports:
         report = json.loads(path.read_text())
         setting = report.get("setting") or {}
-        label = ",".join(f"{k}={v}" for k, v in setting.items())
+        label = report.get("name") or ",".join(f"{k}={v}" for k, v in setting.items())
         run = wandb.init(
             project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
             entity=entity,

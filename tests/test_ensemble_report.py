@@ -120,6 +120,24 @@ def test_a_sweep_over_another_key_gives_one_report_per_setting(tmp_path):
         assert runs == (["0", "1"] if lr == 1e-3 else ["2", "3"])
 
 
+def test_settings_are_named_by_the_overrides_that_tell_them_apart(tmp_path):
+    """A preset changes many keys: the report is named `augment=none`, not by those keys."""
+    for job, (augment, seed) in enumerate([("none", 1), ("none", 2), ("strong", 1), ("strong", 2)]):
+        path = make_run(
+            tmp_path / str(job), [f"augment={augment}"], seed=seed, probs=random_probs(job)
+        )
+        overrides = [f"augment={augment}", f"seed={seed}", "logger=csv"]
+        OmegaConf.save(OmegaConf.create(overrides), path / ".hydra" / "overrides.yaml")
+    written = report_runs(list_runs(tmp_path), tmp_path / "ensemble", plots=False)
+    assert sorted(p.parent.name for p in written) == ["augment=none", "augment=strong"]
+    report = json.loads((tmp_path / "ensemble" / "augment=none" / "report.json").read_text())
+    assert report["name"] == "augment=none"
+    assert report["setting"]["augment.elastic.p"] == 0.0  # the keys the presets change
+    assert report["seeds"] == [1, 2]
+    text = (tmp_path / "ensemble" / "augment=none" / "report.md").read_text()
+    assert "Setting: `augment=none`" in text and "`augment.elastic.p=0.0`" in text
+
+
 def test_config_comparison_ignores_seed_paths_and_logger_only(tmp_path):
     base = flat_setting(compose_cfg(tmp_path / "a", ["seed=1", "logger.csv.name=x"]))
     other_seed = flat_setting(compose_cfg(tmp_path / "b", ["seed=2"]))
