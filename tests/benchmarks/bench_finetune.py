@@ -72,6 +72,25 @@ def test_bench_feature_cache(tmp_path):
     )
 
 
+def test_bench_progressive_head_stage_cache(tmp_path):
+    """progressive with milestones [2]: epochs 0-1 train the head alone, cached or not."""
+    from lightning_modules import feature_cache
+
+    common = ["finetune=progressive", "finetune.callback.milestones=[2]"]
+    feature_cache._MEMORY.clear()
+    plain, plain_total = _fit_epochs(tmp_path, "p_plain", common)
+    cached, cached_total = _fit_epochs(
+        tmp_path, "p_cached", [*common, "finetune.cache_features=true"]
+    )
+    print(
+        f"\n[progressive head stage] {BACKBONE} on digits, epoch 1 (head only): uncached "
+        f"{plain[1] * 1000:.1f} ms, cached {cached[1] * 1000:.1f} ms -> "
+        f"{plain[1] / cached[1]:.1f}x; epoch 2 (top group unfrozen, images): "
+        f"{plain[2] * 1000:.1f} ms vs {cached[2] * 1000:.1f} ms; whole run incl. the feature "
+        f"pass: {plain_total:.1f} s vs {cached_total:.1f} s"
+    )
+
+
 def test_bench_frozen_step_vs_full_step():
     import timm
 
