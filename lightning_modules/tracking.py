@@ -41,7 +41,7 @@ DEFAULT_PROJECT = "image-transfer"
 WANDB_MODES = ("online", "offline", "disabled")
 _MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 # overrides that say nothing about the model: left out of run names (as from ensemble settings)
-UNLABELLED_PREFIXES = ("paths.", "logger.", "hydra.", "hparams_search")
+UNLABELLED = ("paths", "logger", "hydra", "hparams_search")
 MAX_LABEL = 64  # wandb's limit for tags and job types
 MASK = "***"
 _SECRET_NAME = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
@@ -133,8 +133,8 @@ def run_labels(*, seed: Any = None, run_dir: str | Path | None = None) -> RunLab
     """Labels of the current Hydra job (``run_dir`` names the group outside of Hydra).
 
     group: the sweep directory's name in a multirun, else the run directory's name.
-    name: the job's overrides, sorted, without those of :data:`UNLABELLED_PREFIXES` (where files
-    and logs go), then the seed.
+    name: the job's overrides, sorted, without those of :data:`UNLABELLED` (where files and
+    logs go), then the seed.
     job_type: the same without the seed (one value per hyperparameter setting), or ``default``;
     at most 64 characters (wandb's limit; a cut label ends with a hash of the whole).
     """
@@ -153,7 +153,7 @@ def run_labels(*, seed: Any = None, run_dir: str | Path | None = None) -> RunLab
         {
             key: item
             for key, item in (_override_item(o) for o in overrides)
-            if key != "seed" and not key.startswith(UNLABELLED_PREFIXES)
+            if key != "seed" and key.split(".")[0].split("/")[0] not in UNLABELLED
         }.items()
     )
     setting_text = ",".join(item for _, item in setting)

@@ -18,6 +18,7 @@ from lightning_modules.tracking import (
     log_report_to_wandb,
     loggable_config,
     run_labels,
+    short_label,
     wandb_mode,
     wandb_report_options,
 )
@@ -201,6 +202,7 @@ def test_run_labels_name_the_sweep_setting_and_seed(cfg_factory):
             "seed=2",
             "model.optimizer.lr=0.001",
             "paths.log_dir=/somewhere/else",
+            "logger=[csv,wandb]",
             "+model.label_smoothing=0.1",
             "hparams_search=optuna",
         ]
@@ -330,3 +332,25 @@ def test_wandb_report_options_put_the_report_in_the_members_group(tmp_path):
     assert options["project"] == "pets" and options["mode"] is None
     assert options["settings"]["x_save_requirements"] is False
     assert wandb_report_options(compose_cfg(tmp_path, ["logger=csv"])) is None
+
+
+def test_csv_and_mlflow_together_log_the_run_into_a_local_file_store(cfg_factory, tmp_path):
+    from run import train
+
+    cfg = cfg_factory(
+        "logger=[csv,mlflow]",
+        "seed=4",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+    )
+    metrics, _ = train(cfg)
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+    (run,) = (p.parent for p in (tmp_path / "mlruns").glob("*/*/meta.yaml"))
+    name = (run / "tags" / "mlflow.runName").read_text()
+    assert name.endswith("trainer.max_epochs=1,seed=4") and "model.backbone=test_resnet" in name
+    assert "logger" not in name  # where things are logged is no part of the setting
+    assert (run / "tags" / "job_type").read_text() == short_label(name.removesuffix(",seed=4"))
+    assert (run / "params" / "model" / "backbone").read_text() == "test_resnet"
+    last = (run / "metrics" / "test" / "acc").read_text().split()
+    assert float(last[1]) == pytest.approx(metrics["test/acc"])
