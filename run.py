@@ -63,7 +63,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     loggers = _instantiate_all(cfg.get("logger"))
     callbacks = _instantiate_all(cfg.get("callbacks"))
     callbacks.append(StepSeed(seed))
-    unfreeze = finetuning.make_callback()  # None unless layer groups are frozen at some point
+    unfreeze = finetuning.make_callback()  # ProgressiveUnfreeze, or None for scratch
     callbacks += [unfreeze] if unfreeze else []
     if not loggers:
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]

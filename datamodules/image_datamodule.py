@@ -234,6 +234,13 @@ class ImageDataModule(pl.LightningDataModule):
         return mapping
 
     # ------------------------------------------------------------------ transforms
+    @property
+    def augments(self) -> bool:
+        """Whether training images are augmented at all (per image, or on the device)."""
+        if getattr(self, "batch_augment", None) is not None:
+            return True
+        return repr(self.train_transform()) != repr(self.eval_transform())
+
     def eval_transform(self, *, normalize: bool = True):
         """Resize + centre crop per the data config; deterministic."""
         return build_eval_transform(

@@ -119,10 +119,7 @@ def feature_data(model, datamodule, *, unfreeze, trainer, cache_dir) -> pl.Light
     if until is not None and trainer.world_size > 1:
         log.info("Frozen features: not cached for the head-only stage under DDP; images instead.")
         return datamodule
-    augmented = repr(datamodule.train_transform()) != repr(datamodule.eval_transform()) or (
-        getattr(datamodule, "batch_augment", None) is not None
-    )
-    if augmented:
+    if datamodule.augments:
         stage = "the whole run" if until is None else f"epochs 0-{until - 1}"
         later = "" if until is None else f"; augmentation applies from epoch {until} on"
         log.info(
