@@ -63,6 +63,24 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None =
     )
 
 
+def imported_modules(*args: str) -> tuple[set[str], subprocess.CompletedProcess]:
+    """Top-level modules that ``python -X importtime <args>`` imports, and the process."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {
+        line.split("|")[-1].strip().split(".")[0]
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    return imported, proc
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _offline_trackers(tmp_path_factory):
     """Trackers never reach the network or the user's home: wandb offline, its files in tmp."""

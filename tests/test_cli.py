@@ -1,34 +1,20 @@
 """The command line: fast --help/--cfg without heavy imports, composable configs, run dirs."""
 
 import concurrent.futures as cf
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import yaml
 
 from lightning_modules.run_outputs import load_predictions, read_metrics
-from tests.conftest import CONF, FAST, ROOT, compose_cfg, run_cli
+from tests.conftest import CONF, FAST, ROOT, compose_cfg, imported_modules, run_cli
 
 HEAVY = ("torch", "pytorch_lightning", "lightning", "timm", "wandb", "torchvision", "sklearn")
 
 
 @pytest.mark.parametrize("args", [["--cfg", "job"], ["--help"]])
 def test_cfg_and_help_import_no_heavy_library(args):
-    proc = subprocess.run(
-        [sys.executable, "-X", "importtime", str(ROOT / "run.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    imported = {
-        line.split("|")[-1].strip().split(".")[0]
-        for line in proc.stderr.splitlines()
-        if line.startswith("import time:")
-    }
+    imported, proc = imported_modules(str(ROOT / "run.py"), *args)
     assert "omegaconf" in imported  # the check sees real imports
     assert not imported & set(HEAVY), imported & set(HEAVY)
     if args == ["--cfg", "job"]:

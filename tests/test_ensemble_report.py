@@ -2,8 +2,6 @@
 
 import json
 import logging
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ from lightning_modules.run_outputs import (
     write_failure,
     write_metrics,
 )
-from tests.conftest import ROOT, compose_cfg
+from tests.conftest import compose_cfg, imported_modules
 
 
 # ---------------------------------------------------------------------------- a real multirun
@@ -246,24 +244,6 @@ def test_failed_jobs_set_the_exit_status(tmp_path, errors, status):
 
 
 def test_hydra_callbacks_import_no_heavy_library():
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-X",
-            "importtime",
-            "-c",
-            "import callbacks.ensemble_report, callbacks.failed_jobs",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    imported = {
-        line.split("|")[-1].strip().split(".")[0]
-        for line in proc.stderr.splitlines()
-        if line.startswith("import time:")
-    }
+    imported, _ = imported_modules("-c", "import callbacks.ensemble_report, callbacks.failed_jobs")
     assert "hydra" in imported
     assert not imported & {"torch", "pytorch_lightning", "timm", "matplotlib", "numpy"}
