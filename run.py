@@ -48,8 +48,10 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         ``(metrics, objects)``: the final metrics (also in ``<run dir>/metrics.json``) and the
         instantiated ``cfg``, ``datamodule``, ``model`` and ``trainer``.
     """
+    from callbacks.data_contract import DataContract
     from callbacks.step_seed import StepSeed
     from lightning_modules.config_checks import check_config
+    from lightning_modules.data_contract import check_resume
     from lightning_modules.run_outputs import write_metrics
 
     check_config(cfg)  # before any data is loaded
@@ -63,6 +65,10 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     loggers = _instantiate_all(cfg.get("logger"))
     callbacks = _instantiate_all(cfg.get("callbacks"))
     callbacks.append(StepSeed(seed))
+    contract = DataContract.of_run(cfg, datamodule, out_dir)
+    if cfg.get("ckpt_path"):  # resuming: the checkpoint must be of this very setting
+        check_resume(cfg.ckpt_path, contract.contract)
+    callbacks.append(contract)
     unfreeze = finetuning.make_callback()  # ProgressiveUnfreeze, or None for scratch
     callbacks += [unfreeze] if unfreeze else []
     if not loggers:
@@ -130,9 +136,10 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
 def _build_model(cfg: DictConfig, datamodule):
     """The model for ``datamodule``'s classes, its weights, and the fine-tuning strategy."""
+    from lightning_modules.data_contract import check_no_leak
     from lightning_modules.finetune import build_finetuning
     from lightning_modules.layer_groups import layer_groups
-    from lightning_modules.weights import load_weights
+    from lightning_modules.weights import load_weights, renew_hub_head
 
     weights = cfg.model.get("weights")
     has_weights = bool(weights or cfg.model.get("pretrained"))
@@ -140,7 +147,11 @@ def _build_model(cfg: DictConfig, datamodule):
         pretrained = False  # scratch means random init: don't download what won't be used
     else:
         pretrained = bool(cfg.model.get("pretrained"))
-    model = instantiate(cfg.model, **_data_kwargs(cfg, datamodule), pretrained=pretrained)
+    data_kwargs = _data_kwargs(cfg, datamodule)
+    model = instantiate(cfg.model, **data_kwargs, pretrained=pretrained)
+    head = {"class_names": data_kwargs.get("class_names"), "tasks": data_kwargs.get("tasks")}
+    if pretrained and head["tasks"] is None:
+        renew_hub_head(model.net, head["class_names"])
     finetuning = build_finetuning(
         cfg.finetune,
         has_weights=has_weights,
@@ -149,7 +160,13 @@ def _build_model(cfg: DictConfig, datamodule):
     )
     log.info("Fine-tuning: %s", finetuning.reason)
     if weights and finetuning.use_weights:
-        load_weights(model.net, weights)
+        report = load_weights(model.net, weights, **head)
+        check_no_leak(
+            report.contract,
+            datamodule,
+            allow=bool(cfg.get("allow_split_overlap")),
+            weights=weights,
+        )
     return model, finetuning
 
 

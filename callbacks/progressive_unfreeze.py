@@ -283,8 +283,10 @@ def plot_lr_schedule(trainer: pl.Trainer, path: Path, *, plan: UnfreezePlan) -> 
 
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     optimizer = scheduler.optimizer
+    from lightning_modules.optimization import steps_per_epoch
+
     total = int(trainer.estimated_stepping_batches)
-    steps_per_epoch = total / max(1, trainer.max_epochs or 1)
+    epoch_steps = steps_per_epoch(trainer)
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     seen = set()
     colours = plt.get_cmap("viridis")
@@ -299,7 +301,7 @@ def plot_lr_schedule(trainer: pl.Trainer, path: Path, *, plan: UnfreezePlan) -> 
             range(total), lrs, color=colours(index / max(1, n - 1)), label=plan.groups[index].name
         )
     for epoch in sorted({e for e in plan.unfreeze_epochs if e}):
-        ax.axvline(epoch * steps_per_epoch, color="grey", lw=0.8, ls="--")
+        ax.axvline(epoch * epoch_steps, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("optimizer step (dashed: a group is unfrozen)")
     ax.set_ylabel("learning rate")
     ax.set_title("Learning rate per layer group")

@@ -137,6 +137,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.batch_augment: BatchPCAJitter | None = None  # the on-device part, training only
         self._batch_position = (-1, 0)  # (epoch, batches seen in it): seeds the device jitter
         self.class_names: list[str] | None = None
+        self.source_fingerprint: str | None = None  # digest of the source's ids and labels
         self.datasets: dict[str, SplitDataset] = {}
         self._ids: dict[str, list[str]] = {}
 
@@ -151,6 +152,16 @@ class ImageDataModule(pl.LightningDataModule):
         """Stable sample ids of a split, in loader order (for val/test)."""
         return self._ids[split]
 
+    def input_settings(self) -> dict:
+        """What the network sees: size, normalisation, interpolation and eval crop (resolved)."""
+        return {
+            "image_size": int(self.image_size),
+            "mean": [float(v) for v in self.mean],
+            "std": [float(v) for v in self.std],
+            "interpolation": str(self.interpolation),
+            "crop_pct": float(self.eval_crop_pct),
+        }
+
     def prepare_data(self) -> None:
         if hasattr(self.source, "prepare"):
             self.source.prepare()
@@ -159,6 +170,7 @@ class ImageDataModule(pl.LightningDataModule):
         if self.datasets:
             return  # idempotent: Lightning calls setup once per stage
         data: SourceData = self.source.load()
+        self.source_fingerprint = source_fingerprint(data)
         names = list(data.class_names)
         pools = {"train": data.train, "val": data.val, "test": data.test}
         keep_map = self._class_map(names)
@@ -171,10 +183,14 @@ class ImageDataModule(pl.LightningDataModule):
         names = [n for i, n in enumerate(names) if keep_map[i] >= 0]
         missing = {s: self.fractions[s] for s in ("val", "test") if s not in indices}
         if missing:
-            parts = stratified_split(
-                targets["train"], fractions=missing, seed=self.split_seed, class_names=names
-            )
             base_idx, base_t = indices["train"], targets["train"]
+            parts = stratified_split(
+                base_t,
+                ids=[data.train.ids[i] for i in base_idx],
+                fractions=missing,
+                seed=self.split_seed,
+                class_names=names,
+            )
             for split, rows in parts.items():
                 indices[split], targets[split] = base_idx[rows], base_t[rows]
                 pools[split] = data.train
@@ -187,7 +203,7 @@ class ImageDataModule(pl.LightningDataModule):
         if self.max_per_class:
             keep = cap_per_class(
                 targets["train"],
-                np.arange(len(targets["train"])),
+                ids=[pools["train"].ids[i] for i in indices["train"]],
                 max_per_class=int(self.max_per_class),
                 seed=self.split_seed,
             )
@@ -299,7 +315,7 @@ class ImageDataModule(pl.LightningDataModule):
         n = min(int(options["fit_images"]), len(rows))
         ids = "\n".join(pool.ids[int(i)] for i in rows)
         key = {
-            "source": _source_identity(self.source),
+            "source": source_identity(self.source),
             "train_ids_sha1": hashlib.sha1(ids.encode()).hexdigest(),
             "n_train": len(rows),
             "fit_images": n,
@@ -387,6 +403,37 @@ class ImageDataModule(pl.LightningDataModule):
             drop_last=drop_last,
         )
 
+    def views_dataloader(
+        self, split: str, tta, *, rank: int = 0, world_size: int = 1
+    ) -> DataLoader:
+        """``split`` (in order) with ``tta``'s views of every image: batches of
+        ``(view groups, targets, rows)``, each group ``(B, V, 3, h, w)``. About
+        ``eval_batch_size`` views per batch; with ``world_size > 1`` this rank's share."""
+        if split not in self.datasets:
+            self.setup()
+        base = self.datasets[split]
+        views = tta.image_views(
+            image_size=self.image_size,
+            mean=self.mean,
+            std=self.std,
+            interpolation=self.interpolation,
+            eval_crop_pct=self.eval_crop_pct,
+        )
+        dataset = SplitDataset(base.pool, base.indices, base.targets, views)
+        sampler = None
+        if world_size > 1:
+            from torch.utils.data import DistributedSampler
+
+            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        return DataLoader(
+            dataset,
+            batch_size=max(1, self.eval_batch_size // max(1, tta.num_views)),
+            sampler=sampler,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
 
@@ -397,7 +444,20 @@ class ImageDataModule(pl.LightningDataModule):
         return self._loader("test", train=False)
 
 
-def _source_identity(source) -> dict:
+def source_fingerprint(data: SourceData) -> str:
+    """Digest of every sample id and label a source offers (any change of the data shows)."""
+    digest = hashlib.sha1("\n".join(data.class_names).encode())
+    for name in SPLITS:
+        pool = getattr(data, name)
+        if pool is None:
+            continue
+        digest.update(f"\n[{name}]\n".encode())
+        digest.update("\n".join(map(str, pool.ids)).encode())
+        digest.update(np.asarray(pool.targets, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def source_identity(source) -> dict:
     """What identifies a source's data: its class and its plain settings (roots made absolute)."""
     identity = {"type": f"{type(source).__module__}.{type(source).__qualname__}"}
     for key, value in sorted(vars(source).items()):

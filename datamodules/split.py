@@ -1,11 +1,20 @@
-"""Stratified train/val/test splits fixed by their own seed.
+"""Stratified train/val/test splits that are stable per sample.
 
-The split depends only on the targets and ``split_seed``, never on the training seed, so all
-members of a seed ensemble are validated and tested on the same samples in the same order.
+Each sample's place is decided by a keyed hash of ``(split_seed, its stable id)``: within each
+class, samples are ranked by that hash and the held-out parts take the first ``round(fraction x
+class size)`` of the ranking (stratified counts), the rest is training. So
+
+- the split depends only on the ids, the classes and ``split_seed``, never on the training seed:
+  every member of a seed ensemble is validated and tested on the same samples;
+- keeping or dropping other classes never moves a sample (``data.classes=[5,6,7,8,9]`` is the
+  all-classes split restricted to those classes), and adding or removing images in one class
+  never moves an image of another class; within the class that grew, only the few images at the
+  count boundaries can move.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,9 +22,25 @@ import numpy as np
 from lightning_modules.errors import UserError
 
 
+def id_keys(ids: Sequence[str], *, seed: int, salt: str) -> np.ndarray:
+    """A uniform 64-bit key per id from ``(salt, seed, id)``: the sample's rank in a split."""
+    prefix = f"{salt}:{int(seed)}:".encode()
+    keys = np.empty(len(ids), dtype=np.uint64)
+    for i, sample_id in enumerate(ids):
+        digest = hashlib.blake2b(prefix + str(sample_id).encode(), digest_size=8).digest()
+        keys[i] = int.from_bytes(digest, "little")
+    return keys
+
+
+def _ranked(indices: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """``indices`` ordered by their keys (ties, which need a hash collision, by index)."""
+    return indices[np.lexsort((indices, keys[indices]))]
+
+
 def stratified_split(
     targets: Sequence[int] | np.ndarray,
     *,
+    ids: Sequence[str],
     fractions: dict[str, float],
     seed: int,
     class_names: Sequence[str] | None = None,
@@ -24,6 +49,7 @@ def stratified_split(
 
     Args:
         targets: class index of every sample.
+        ids: a stable, unique id per sample (its relative path, ...): what the split is keyed on.
         fractions: share of each class for every held-out part, e.g. ``{"val": .15, "test": .15}``;
             a part with fraction 0 gets no samples. The rest is ``"train"``.
         seed: the split seed.
@@ -35,12 +61,14 @@ def stratified_split(
         least one for training.
     """
     targets = np.asarray(targets, dtype=np.int64)
+    if len(ids) != len(targets):
+        raise ValueError(f"{len(ids)} ids for {len(targets)} targets")
     parts = {name: frac for name, frac in fractions.items() if frac > 0}
     if sum(parts.values()) >= 1.0:
         raise UserError(
             f"Held-out fractions {parts} leave nothing to train on: make their sum below 1."
         )
-    rng = np.random.default_rng(seed)
+    keys = id_keys(ids, seed=seed, salt="split")
     out: dict[str, list[np.ndarray]] = {"train": [], **{name: [] for name in parts}}
     for cls in np.unique(targets):
         idx = np.flatnonzero(targets == cls)
@@ -52,7 +80,7 @@ def stratified_split(
                 f"into train/{'/'.join(parts)}: add images to it, remove the class, or give "
                 "separate validation/test folders (data.source.val_root / data.source.test_root)."
             )
-        idx = rng.permutation(idx)
+        idx = _ranked(idx, keys)
         start = 0
         for name, frac in parts.items():
             # at least one per held-out part, and at least one left for training
@@ -64,14 +92,14 @@ def stratified_split(
 
 
 def cap_per_class(
-    targets: np.ndarray, indices: np.ndarray, *, max_per_class: int, seed: int
+    targets: np.ndarray, *, ids: Sequence[str], max_per_class: int, seed: int
 ) -> np.ndarray:
-    """Keep at most ``max_per_class`` of ``indices`` per class (seeded choice, sorted result)."""
-    rng = np.random.default_rng(seed)
-    keep = []
-    for cls in np.unique(targets[indices]):
-        idx = indices[targets[indices] == cls]
-        if len(idx) > max_per_class:
-            idx = rng.choice(idx, size=max_per_class, replace=False)
-        keep.append(idx)
-    return np.sort(np.concatenate(keep))
+    """Positions of at most ``max_per_class`` samples per class (``targets[i]`` and ``ids[i]``
+    describe sample ``i``), chosen by a keyed hash of the ids, so the choice in one class never
+    depends on the others. Sorted."""
+    targets = np.asarray(targets, dtype=np.int64)
+    keys = id_keys(ids, seed=seed, salt="cap")
+    keep = [
+        _ranked(np.flatnonzero(targets == cls), keys)[:max_per_class] for cls in np.unique(targets)
+    ]
+    return np.sort(np.concatenate(keep)) if keep else np.arange(0)

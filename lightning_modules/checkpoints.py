@@ -38,7 +38,12 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def model_from_checkpoint(path: str | Path):
-    """The :class:`ImageClassifier` or :class:`MultiTaskModel` a checkpoint holds, in eval mode."""
+    """The :class:`ImageClassifier` or :class:`MultiTaskModel` a checkpoint holds, in eval mode.
+
+    Its data contract (:mod:`lightning_modules.data_contract`) is the model's ``data_contract``
+    attribute: None, after one warning, for a checkpoint written before contracts existed.
+    """
+    from lightning_modules.data_contract import contract_of
     from lightning_modules.image_classifier import ImageClassifier
     from lightning_modules.multitask import MultiTaskModel
 
@@ -56,4 +61,5 @@ def model_from_checkpoint(path: str | Path):
             f"Checkpoint '{path}' does not fit the model its hyper_parameters describe "
             f"({str(err).splitlines()[0]}): it was written by an incompatible version."
         ) from err
+    model.data_contract = contract_of(checkpoint, path)
     return model.eval()

@@ -99,13 +99,23 @@ def load_classifier(path: str | Path) -> ImageClassifier:
     return model
 
 
-def load_model(paths: Sequence[str | Path]) -> ImageClassifier:
-    """One checkpoint: its classifier. Several: their :class:`EnsembleClassifier`."""
+def load_model(paths: Sequence[str | Path], *, with_contract: bool = False):
+    """One checkpoint: its classifier. Several: their :class:`EnsembleClassifier`.
+
+    Members trained with different data contracts (classes, input settings, mirror invariance)
+    are refused with a message naming the difference. With ``with_contract``, returns
+    ``(model, the members' common contract or None)``.
+    """
+    from lightning_modules.data_contract import check_members_agree
+
     members = [load_classifier(p) for p in paths]
+    contract = check_members_agree([m.data_contract for m in members], list(paths))
     if len(members) == 1:
-        return members[0]
-    log.info("Ensemble of %d checkpoints: %s", len(members), ", ".join(map(str, paths)))
-    return EnsembleClassifier(members=members)
+        model = members[0]
+    else:
+        log.info("Ensemble of %d checkpoints: %s", len(members), ", ".join(map(str, paths)))
+        model = EnsembleClassifier(members=members)
+    return (model, contract) if with_contract else model
 
 
 # ---------------------------------------------------------------------------- the ensemble

@@ -257,6 +257,7 @@ def check_members(members: list[Run], predictions: list[dict[str, np.ndarray]]) 
             f"Members were tested on different data splits ({_pairs(split_seeds)}): an ensemble "
             "averages predictions on one test set; give runs with the same data.split_seed."
         )
+    _check_contracts(members)
     for run, pred in zip(members[1:], predictions[1:], strict=True):
         pair = f"{first.label} ({first.path}) and {run.label} ({run.path})"
         if pred["class_names"].tolist() != ref["class_names"].tolist():
@@ -281,6 +282,22 @@ def check_members(members: list[Run], predictions: list[dict[str, np.ndarray]]) 
             raise UserError(
                 f"{pair} give the same samples different labels: the data changed between the "
                 "runs; re-test them on the same data (task=eval)."
+            )
+
+
+def _check_contracts(members: list[Run]) -> None:
+    """Members' data contracts (``contract.json``, absent in older runs) must agree."""
+    from lightning_modules.data_contract import MEMBER_KEYS, describe_difference, read_run_contract
+
+    known = [(run, c) for run in members if (c := read_run_contract(run.path)) is not None]
+    for run, contract in known[1:]:
+        diff = describe_difference(known[0][1], contract, (*MEMBER_KEYS, "splits"))
+        if diff:
+            first = known[0][0]
+            raise UserError(
+                f"{first.label} ({first.path}) and {run.label} ({run.path}) were trained with "
+                f"different data contracts ({diff}): ensemble only runs trained on the same "
+                "classes, input settings and split."
             )
 
 

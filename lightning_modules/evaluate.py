@@ -4,8 +4,11 @@
     python run.py task=eval ckpt_path=outputs/train/multiruns/<sweep>   # all members: an ensemble
     python run.py task=eval ckpt_path='[a.ckpt,b.ckpt]' tta=ten_crop seed=3
 
-Seeded (``seed``), on the test set of ``data`` (same split as training when ``data`` is the same:
-a warning says where the training run's data settings differ). Writes ``metrics.json``
+Seeded (``seed``), on the test set the checkpoint was trained for: its data contract holds the
+training run's data config, so no data option needs repeating; a ``data.*`` value given on the
+command line is applied on top (one warning names what differs from training). Checkpoints
+written before contracts existed are tested on ``data`` as composed (a warning says where the
+training run's data settings differ). Writes ``metrics.json``
 (``test/*``, ``test_tta/*``, ``checkpoints``) and ``predictions/test.npz`` (``test_tta.npz``) in
 its run directory, so its output is read like a training run's and can be an ensemble member.
 """
@@ -39,6 +42,7 @@ DATA_KEYS = (
 
 def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     """Test ``cfg.ckpt_path`` (one checkpoint or an ensemble); returns ``(metrics, objects)``."""
+    from lightning_modules.data_contract import data_config_for, warn_if_split_differs
     from lightning_modules.ensemble import find_checkpoints, load_model
     from lightning_modules.run_outputs import write_metrics
     from run import instantiate, resolved_config, save_test_results, seed_run, tta_callback
@@ -46,12 +50,14 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     out_dir = Path(cfg.paths.output_dir)
     seed = seed_run(cfg.seed)
     checkpoints = find_checkpoints(cfg.get("ckpt_path"))
-    warn_if_data_differs(checkpoints, cfg)
-    model = load_model(checkpoints)
+    model, contract = load_model(checkpoints, with_contract=True)
+    if contract is None:
+        warn_if_data_differs(checkpoints, cfg)
 
-    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule = instantiate(data_config_for(cfg, contract), _convert_="all")
     datamodule.prepare_data()
     datamodule.setup("test")
+    warn_if_split_differs(contract, datamodule)
     trained_on = list(model.hparams.get("class_names") or [])
     if trained_on and trained_on != datamodule.class_names:
         raise UserError(

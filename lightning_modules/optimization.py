@@ -74,11 +74,28 @@ def configure_layer_optimizers(module, groups: list[dict]):
                 "and the configured model.scheduler cannot: use "
                 "lightning_modules.schedules.warmup_cosine (the default)."
             )
-        epochs = max(1, int(trainer.max_epochs or 1))
-        starts = plan.starts(steps_per_epoch=math.ceil(total / epochs))
+        starts = plan.starts(steps_per_epoch=steps_per_epoch(trainer))
         kwargs["group_starts"] = [starts[g["layer_group"]] for g in groups]
     scheduler = module.scheduler_factory(optimizer, **kwargs)
     return {
         "optimizer": optimizer,
         "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
     }
+
+
+def steps_per_epoch(trainer) -> int:
+    """Optimizer steps in one training epoch, from the training loader's length.
+
+    Not ``total / max_epochs``: with ``max_steps`` (or ``max_epochs=-1``) the run's total says
+    nothing about the epoch. Gradient accumulation steps once per ``accumulate_grad_batches``
+    batches, and once more for a remainder at the end of the epoch.
+    """
+    if trainer.train_dataloader is None:  # as Lightning's estimated_stepping_batches does
+        trainer.fit_loop.setup_data()
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        raise UserError(
+            "The training loader has no length (an iterable data set): unfreeze epochs cannot be "
+            "turned into steps; give the data set a length."
+        )
+    return max(1, math.ceil(int(batches) / max(1, int(trainer.accumulate_grad_batches))))

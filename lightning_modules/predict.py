@@ -5,9 +5,11 @@
 
 Every image below ``predict.input`` (any depth; jpg, png, bmp, gif, tif, webp, ppm, pgm) gets a
 row: ``path``, ``predicted`` (class name), ``confidence`` (its probability), then one
-``prob_<class>`` column per class. Images get the eval transform of ``data`` (size, normalisation)
-and the test-time augmentation of ``tta``; several checkpoints average their probabilities.
-Files that cannot be read as images are left out with a warning.
+``prob_<class>`` column per class. Images get the input settings the checkpoint was trained with
+(its data contract: size, normalisation, interpolation, crop; a ``data.*`` value given on the
+command line wins, with a warning) and the test-time augmentation of ``tta``; several
+checkpoints average their probabilities. Files that cannot be read as images are left out with a
+warning.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ log = logging.getLogger(__name__)
 
 
 class ImageFiles(Dataset):
-    """Images by path: item ``i`` is ``(image tensor, readable, i)``.
+    """Images by path: item ``i`` is ``(transformed image, readable, i)``.
 
-    An unreadable file gives a blank image and ``readable=False`` instead of stopping the run.
+    An unreadable file gives the transform of a blank image and ``readable=False`` instead of
+    stopping the run.
     """
 
     def __init__(self, paths: list[Path], transform, image_size: int) -> None:
@@ -40,13 +43,16 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        from PIL import Image
+
         from datamodules.sources.folder import load_rgb
 
         try:
             return self.transform(load_rgb(self.paths[i])), True, i
         except Exception as err:  # a corrupt or non-image file: reported, not fatal
             log.debug("Cannot read %s: %s", self.paths[i], err)
-            return torch.zeros(3, self.image_size, self.image_size), False, i
+            blank = Image.new("RGB", (self.image_size, self.image_size))
+            return self.transform(blank), False, i
 
 
 class Predictor(pl.LightningModule):
@@ -57,9 +63,9 @@ class Predictor(pl.LightningModule):
         self.model, self.tta = model, tta
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        x, readable, index = batch
+        groups, readable, index = batch
         return {
-            "probs": self.tta.probabilities(self.model, x),
+            "probs": self.tta.probabilities(self.model, groups),
             "readable": readable,
             "index": index,
         }
@@ -68,7 +74,7 @@ class Predictor(pl.LightningModule):
 def predict(cfg: DictConfig) -> tuple[dict, dict]:
     """Write the predictions CSV; returns ``({"predictions": csv path, ...}, objects)``."""
     from datamodules.sources.folder import IMAGE_EXTENSIONS, list_images
-    from datamodules.transforms import build_eval_transform
+    from lightning_modules.data_contract import input_settings
     from lightning_modules.ensemble import find_checkpoints, load_model
     from run import instantiate, seed_run
 
@@ -87,33 +93,25 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
         )
     seed_run(cfg.seed)
     checkpoints = find_checkpoints(cfg.get("ckpt_path"))
-    model = load_model(checkpoints)
+    model, contract = load_model(checkpoints, with_contract=True)
     class_names = list(model.hparams.get("class_names") or range(model.hparams["num_classes"]))
-    from datamodules.data_config import resolve_data_config
-
     data = cfg.data
-    # the checkpoint's backbone fills what the data config leaves to it (null entries)
-    dc = resolve_data_config(
-        backbone=model.hparams.get("backbone") or data.get("backbone"),
-        image_size=data.get("image_size"),
-        mean=data.get("mean"),
-        std=data.get("std"),
-        interpolation=data.get("interpolation"),
-        crop_pct=data.get("eval_crop_pct"),
-    )
+    inputs = input_settings(contract, data)
     tta = instantiate(
-        cfg.tta, mirror_invariant=bool(data.mirror_invariant), interpolation=dc.interpolation
+        cfg.tta,
+        mirror_invariant=inputs["mirror_invariant"],
+        interpolation=inputs["interpolation"],
     )
-    transform = build_eval_transform(
-        image_size=dc.image_size,
-        mean=list(dc.mean),
-        std=list(dc.std),
-        interpolation=dc.interpolation,
-        crop_pct=dc.crop_pct,
+    views = tta.image_views(
+        image_size=inputs["image_size"],
+        mean=inputs["mean"],
+        std=inputs["std"],
+        interpolation=inputs["interpolation"],
+        eval_crop_pct=inputs["crop_pct"],
     )
     loader = DataLoader(
-        ImageFiles(files, transform, dc.image_size),
-        batch_size=int(data.eval_batch_size or data.batch_size),
+        ImageFiles(files, views, inputs["image_size"]),
+        batch_size=max(1, int(data.eval_batch_size or data.batch_size) // tta.num_views),
         num_workers=int(data.num_workers),
         shuffle=False,
     )

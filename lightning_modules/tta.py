@@ -1,26 +1,29 @@
-"""Test-time augmentation: fixed views of a batch, classified together, softmax-averaged.
+"""Test-time augmentation: fixed views of every image, classified together, softmax-averaged.
 
-Views are made on the device from the batch the network would see anyway (the eval transform's
-``size`` x ``size`` images), so single-view and TTA predictions start from the same pixels:
+Views are cut from the image itself (in the data-loading workers, like the eval transform), so
+crops reach the image's border and every pixel is interpolated once:
 
 ============ ======= ==========================================================================
 mode         views   geometry
 ============ ======= ==========================================================================
-none         1       the image
-flip         2       the image, its mirror image (left-right)
-five_crop    5       the image enlarged to ``floor(size / crop_pct)`` (224 -> 256, 32 -> 36),
-                     cropped back to ``size`` at its top-left, top-right, bottom-left,
-                     bottom-right corners and centre (torchvision's ``FiveCrop`` order)
-ten_crop     10      the five crops, then the five crops of the enlarged mirror image
+none         1       the eval view (resize to ``floor(size / data crop_pct)``, centre crop)
+flip         2       the eval view and its mirror image (left-right)
+five_crop    5       the whole image resized so its short side is ``floor(size / crop_pct)``
+                     (224 -> 256, 32 -> 36), cropped to ``size`` at its top-left, top-right,
+                     bottom-left, bottom-right corners and centre: torchvision's ``FiveCrop``
+ten_crop     10      the five crops, then the five crops of the mirrored resized image
                      (torchvision's ``TenCrop``): view 5 is the mirror of view 1, 6 of 0,
                      7 of 3, 8 of 2, 9 (centre) of 4
-multiscale   S (x2)  the image resized to ``round(size * s)`` for each ``s`` in ``scales``, each
+multiscale   S (x2)  the eval view at ``round(size * s)`` for each ``s`` in ``scales``, each
                      also mirrored when ``flip``; needs a backbone that accepts other input
                      sizes (CNNs do; most ViTs do not)
 ============ ======= ==========================================================================
 
-Views of one size are classified in one forward pass (B x V images); ``multiscale`` needs one
-pass per scale. Probabilities, not logits, are averaged.
+:meth:`TestTimeAugmentation.image_views` is the per-image transform: an image becomes a list of
+view groups ``(V_g, 3, h_g, w_g)``, one per view size, which a DataLoader batches into
+``(B, V_g, 3, h_g, w_g)``. :meth:`~TestTimeAugmentation.probabilities` classifies all views of
+one size in one forward pass (B x V images); ``multiscale`` needs one pass per scale.
+Probabilities, not logits, are averaged.
 """
 
 from __future__ import annotations
@@ -95,52 +98,109 @@ class TestTimeAugmentation:
         return f"TestTimeAugmentation(mode={self.mode!r}, views={self.num_views}{extra})"
 
     # ------------------------------------------------------------------ views
-    def view_groups(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The views of a batch ``x`` (B, C, H, W): a list of (V_g, B, C, h_g, w_g) tensors.
+    def image_views(
+        self,
+        *,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        interpolation: str | None = None,
+        eval_crop_pct: float = 1.0,
+    ) -> ImageViews:
+        """The per-image transform: image -> list of view groups ``(V_g, 3, h_g, w_g)``.
 
-        All views of a group share one size; only ``multiscale`` gives more than one group.
+        ``eval_crop_pct`` is the data's eval crop (for ``none``, ``flip`` and ``multiscale``);
+        the crop modes use ``tta.crop_pct``.
         """
-        from torchvision.transforms.v2 import functional as TF
-
-        if self.mode in ("none", "flip"):
-            views = [x, TF.horizontal_flip(x)] if self.flip else [x]
-            return [torch.stack(views)]
-        size = min(x.shape[-2:])
-        if self.mode in ("five_crop", "ten_crop"):
-            big = self._resize(x, math.floor(size / self.crop_pct))
-            crops = TF.ten_crop(big, [size, size]) if self.flip else TF.five_crop(big, [size, size])
-            return [torch.stack(crops)]
-        groups = []
-        for scale in self.scales:
-            image = self._resize(x, max(1, round(size * scale)))
-            groups.append(torch.stack([image, TF.horizontal_flip(image)] if self.flip else [image]))
-        return groups
-
-    def _resize(self, x: torch.Tensor, short_side: int) -> torch.Tensor:
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.v2 import functional as TF
-
-        if min(x.shape[-2:]) == short_side:
-            return x
-        mode = InterpolationMode[self.interpolation.upper()]
-        return TF.resize(x, short_side, interpolation=mode, antialias=True)
+        return ImageViews(
+            self,
+            image_size=int(image_size),
+            mean=[float(v) for v in mean],
+            std=[float(v) for v in std],
+            interpolation=interpolation or self.interpolation,
+            eval_crop_pct=float(eval_crop_pct),
+        )
 
     # ------------------------------------------------------------------ prediction
-    def probabilities(self, model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
+    def probabilities(
+        self, model: Callable[[torch.Tensor], torch.Tensor], groups: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
         """Mean over the views of ``softmax(model(view))``: (B, num_classes), float32.
 
+        ``groups`` are the batched view groups ``(B, V_g, C, h_g, w_g)`` of :meth:`image_views`.
         ``model`` returns logits (or log-probabilities: the softmax of those is the same
         distribution). One call per group of same-size views, on all B x V views at once.
         """
         total, count = None, 0
-        for views in self.view_groups(x):
-            v, b = views.shape[:2]
-            probs = model(views.flatten(0, 1)).float().softmax(-1).unflatten(0, (v, b))
-            part = probs.sum(0)
+        for views in groups:
+            b, v = views.shape[:2]
+            probs = model(views.flatten(0, 1)).float().softmax(-1).unflatten(0, (b, v))
+            part = probs.sum(1)
             total = part if total is None else total + part
             count += v
         return total / count
 
 
-def no_tta() -> TestTimeAugmentation:
-    return TestTimeAugmentation(mode="none")
+class ImageViews:
+    """One image (PIL, or a uint8 tensor (C, H, W)) -> its TTA view groups, normalised float.
+
+    Picklable (it runs in data-loader workers). See :class:`TestTimeAugmentation`.
+    """
+
+    def __init__(
+        self,
+        tta: TestTimeAugmentation,
+        *,
+        image_size: int,
+        mean: list[float],
+        std: list[float],
+        interpolation: str,
+        eval_crop_pct: float,
+    ) -> None:
+        from datamodules.transforms import build_eval_transform
+
+        self.mode, self.flip, self.crop_pct = tta.mode, tta.flip, tta.crop_pct
+        self.size, self.mean, self.std = image_size, mean, std
+        self.interpolation = interpolation
+        sizes = [image_size]
+        if self.mode == "multiscale":
+            sizes = [max(1, round(image_size * s)) for s in tta.scales]
+        # the eval view at each size (none, flip, multiscale)
+        self.eval_views = [
+            build_eval_transform(
+                image_size=size,
+                mean=mean,
+                std=std,
+                interpolation=interpolation,
+                crop_pct=eval_crop_pct,
+            )
+            for size in sizes
+        ]
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        from torchvision.transforms.v2 import functional as TF
+
+        if self.mode in ("five_crop", "ten_crop"):
+            return [self._crops(image)]
+        groups = []
+        for transform in self.eval_views:
+            view = transform(image)
+            groups.append(torch.stack([view, TF.horizontal_flip(view)] if self.flip else [view]))
+        return groups
+
+    def _crops(self, image) -> torch.Tensor:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF
+
+        from datamodules.transforms import ToRGB
+
+        x = TF.to_image(ToRGB()(image))
+        mode = InterpolationMode[self.interpolation.upper()]
+        x = TF.resize(x, math.floor(self.size / self.crop_pct), interpolation=mode, antialias=True)
+        size = [self.size, self.size]
+        crops = TF.ten_crop(x, size) if self.flip else TF.five_crop(x, size)
+        views = TF.to_dtype(torch.stack(crops), torch.float32, scale=True)
+        return TF.normalize(views, mean=self.mean, std=self.std)
+
+    def __repr__(self) -> str:
+        return f"ImageViews(mode={self.mode!r}, size={self.size}, crop_pct={self.crop_pct})"

@@ -419,6 +419,8 @@ def log_pictures(loggers: Sequence, paths: dict[str, Path], *, step: int | None 
 # ---------------------------------------------------------------------------- the task
 def visualize(cfg: DictConfig) -> tuple[dict, dict]:
     """Draw the pictures of ``cfg.ckpt_path`` into the run directory; ``(metrics, objects)``."""
+    from datamodules.transforms import build_eval_transform
+    from lightning_modules.data_contract import data_config_for, input_settings
     from lightning_modules.run_outputs import write_metrics
     from run import _instantiate_all, instantiate
 
@@ -426,23 +428,36 @@ def visualize(cfg: DictConfig) -> tuple[dict, dict]:
     out_dir = Path(cfg.paths.output_dir)
     checkpoint = find_checkpoint(cfg.get("ckpt_path"))
     model = model_from_checkpoint(checkpoint)
+    contract = model.data_contract
     head = head_of(model, options.get("task"))
-    datamodule = instantiate(cfg.data, _convert_="all")
-    if options.get("images"):
-        images = folder_images(options["images"], datamodule.eval_transform(), head.class_names)
-    else:
+    if options.get("images"):  # the checkpoint's input settings, whatever data says
+        inputs = input_settings(contract, cfg.data)
+        transform = build_eval_transform(
+            image_size=inputs["image_size"],
+            mean=inputs["mean"],
+            std=inputs["std"],
+            interpolation=inputs["interpolation"],
+            crop_pct=inputs["crop_pct"],
+        )
+        images = folder_images(options["images"], transform, head.class_names)
+        mean, std = inputs["mean"], inputs["std"]
+        batch_size, workers = int(cfg.data.eval_batch_size or 64), int(cfg.data.num_workers)
+    else:  # a split of the checkpoint's own data
+        datamodule = instantiate(data_config_for(cfg, contract), _convert_="all")
         datamodule.prepare_data()
         datamodule.setup("test")
         _check_same_classes(model, head, datamodule)
         images = split_images(datamodule, options.get("split", "test"), head)
+        mean, std = datamodule.mean, datamodule.std
+        batch_size, workers = datamodule.eval_batch_size, datamodule.num_workers
     backbone = model.hparams.backbone
     paths, metrics = draw_pictures(
         model.net,
         head,
         images,
         out_dir,
-        mean=datamodule.mean,
-        std=datamodule.std,
+        mean=mean,
+        std=std,
         title=backbone,
         num_images=int(options.get("num_images", 8)),
         method=str(options.get("method", "gradcam")),
@@ -450,8 +465,8 @@ def visualize(cfg: DictConfig) -> tuple[dict, dict]:
         channels=int(options.get("channels", 6)),
         max_filters=int(options.get("max_filters", 64)),
         activation_image=int(options.get("activation_image", 0)),
-        batch_size=datamodule.eval_batch_size,
-        num_workers=datamodule.num_workers,
+        batch_size=batch_size,
+        num_workers=workers,
     )
     log_pictures(_instantiate_all(cfg.get("logger")), paths)
     metrics = {"checkpoint": str(checkpoint), **metrics}
@@ -459,7 +474,7 @@ def visualize(cfg: DictConfig) -> tuple[dict, dict]:
     log.info("Pictures in %s: %s", out_dir, ", ".join(p.name for p in paths.values()))
     if "acc" in metrics:
         log.info("Accuracy on the %d labelled images: %.4f", metrics["images"], metrics["acc"])
-    return metrics, {"model": model, "datamodule": datamodule, "paths": paths}
+    return metrics, {"model": model, "paths": paths}
 
 
 def _check_same_classes(model, head: Head, datamodule) -> None:

@@ -23,8 +23,8 @@ REPEATS = 3
 def _evaluate(model, loader, predict, device):
     start = time.perf_counter()
     with torch.inference_mode():
-        for x, _, _ in loader:
-            predict(model, x.to(device))
+        for groups, _, _ in loader:
+            predict(model, [g.to(device) for g in groups])
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -44,19 +44,22 @@ def test_ten_crop_costs_at_most_eleven_single_crops(tmp_path):
     cfg = compose_cfg(tmp_path, ["data.num_workers=0", "data.mirror_invariant=true"], fast=False)
     dm = instantiate(cfg.data, _convert_="all")
     dm.setup("test")
-    loader = dm.test_dataloader()
     model = timm.create_model(cfg.model.backbone, num_classes=10).to(device).eval()
 
     single = TestTimeAugmentation(mode="none")
     ten = TestTimeAugmentation(mode="ten_crop")
+    single_loader, ten_loader = (
+        dm.views_dataloader("test", single),
+        dm.views_dataloader("test", ten),
+    )
 
-    def per_view(model, x):  # the same ten views, one forward each
-        (views,) = ten.view_groups(x)
-        return torch.stack([model(v).softmax(-1) for v in views]).mean(0)
+    def per_view(model, groups):  # the same ten views, one forward each
+        (views,) = groups
+        return torch.stack([model(views[:, v]).softmax(-1) for v in range(views.shape[1])]).mean(0)
 
-    t_single = _best(lambda: _evaluate(model, loader, single.probabilities, device))
-    t_ten = _best(lambda: _evaluate(model, loader, ten.probabilities, device))
-    t_loop = _best(lambda: _evaluate(model, loader, per_view, device))
+    t_single = _best(lambda: _evaluate(model, single_loader, single.probabilities, device))
+    t_ten = _best(lambda: _evaluate(model, ten_loader, ten.probabilities, device))
+    t_loop = _best(lambda: _evaluate(model, ten_loader, per_view, device))
     n = len(dm.datasets["test"])
     print(
         f"\n[bench_tta] {cfg.model.backbone}, {n} test images of 32 px, batch "
