@@ -13,9 +13,8 @@ from lightning_modules.tta import TestTimeAugmentation
 class TestTimeAugmentationCallback(pl.Callback):
     """After the test epoch, classifies the test images again with ``tta``'s views.
 
-    The views are cut from each test image itself (``datamodule.views_dataloader``: in the
-    loader's workers, so a crop reaches the image's border), not from the single view the test
-    step saw. Logs ``test_tta/acc``, ``test_tta/nll``, ``test_tta/ece`` (15 bins),
+    The views are cut from each test image the test step saw (``datamodule.views_dataloader``,
+    in the loader's workers, so a crop reaches the image's border), not from the single view. Logs ``test_tta/acc``, ``test_tta/nll``, ``test_tta/ece`` (15 bins),
     ``test_tta/brier`` and ``test_tta/acc_top5`` (more than 5 classes), computed from all ranks'
     probabilities, so they compare one to one with ``test/*``. After ``trainer.test`` the
     probabilities are in :attr:`outputs` (``probs``, ``targets``, ``rows``, as
@@ -30,14 +29,20 @@ class TestTimeAugmentationCallback(pl.Callback):
     def __init__(self, tta: TestTimeAugmentation, *, prefix: str = "test_tta") -> None:
         self.tta, self.prefix = tta, prefix
         self.outputs: dict[str, torch.Tensor] | None = None
+        self._rows: list[int] = []
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.outputs = None
+        self.outputs, self._rows = None, []
+
+    def on_test_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._rows += batch[2].tolist()  # the rows this rank's test step saw
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loader = trainer.datamodule.views_dataloader(
-            "test", self.tta, rank=trainer.global_rank, world_size=trainer.world_size
-        )
+        # exactly the images of test/* (limit_test_batches; under DDP this rank's share, with
+        # the sampler's padding repeats, so every rank gathers as many rows)
+        loader = trainer.datamodule.views_dataloader("test", self.tta, rows=self._rows)
         chunks = []
         device = pl_module.device
         with torch.no_grad(), trainer.precision_plugin.forward_context():

@@ -403,12 +403,13 @@ class ImageDataModule(pl.LightningDataModule):
             drop_last=drop_last,
         )
 
-    def views_dataloader(
-        self, split: str, tta, *, rank: int = 0, world_size: int = 1
-    ) -> DataLoader:
+    def views_dataloader(self, split: str, tta, *, rows: Sequence[int] | None = None) -> DataLoader:
         """``split`` (in order) with ``tta``'s views of every image: batches of
-        ``(view groups, targets, rows)``, each group ``(B, V, 3, h, w)``. About
-        ``eval_batch_size`` views per batch; with ``world_size > 1`` this rank's share."""
+        ``(view groups, targets, rows)``, each group ``(B, V, 3, h, w)``, about
+        ``eval_batch_size`` views per batch. ``rows``: only these rows of the split (those the
+        test step saw: a limited or distributed test), else all."""
+        from torch.utils.data import Subset
+
         if split not in self.datasets:
             self.setup()
         base = self.datasets[split]
@@ -420,15 +421,11 @@ class ImageDataModule(pl.LightningDataModule):
             eval_crop_pct=self.eval_crop_pct,
         )
         dataset = SplitDataset(base.pool, base.indices, base.targets, views)
-        sampler = None
-        if world_size > 1:
-            from torch.utils.data import DistributedSampler
-
-            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        if rows is not None:  # items keep their row number in the whole split
+            dataset = Subset(dataset, [int(r) for r in rows])
         return DataLoader(
             dataset,
             batch_size=max(1, self.eval_batch_size // max(1, tta.num_views)),
-            sampler=sampler,
             shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -445,7 +442,8 @@ class ImageDataModule(pl.LightningDataModule):
 
 
 def source_fingerprint(data: SourceData) -> str:
-    """Digest of every sample id and label a source offers (any change of the data shows)."""
+    """Digest of every sample id and label a source offers: images added, removed, renamed or
+    relabelled show (the pixels of an image are not read)."""
     digest = hashlib.sha1("\n".join(data.class_names).encode())
     for name in SPLITS:
         pool = getattr(data, name)
@@ -454,16 +452,18 @@ def source_fingerprint(data: SourceData) -> str:
         digest.update(f"\n[{name}]\n".encode())
         digest.update("\n".join(map(str, pool.ids)).encode())
         digest.update(np.asarray(pool.targets, dtype=np.int64).tobytes())
+        if pool.labels is not None:  # multi-task labels
+            digest.update(np.ascontiguousarray(pool.labels, dtype=np.float32).tobytes())
     return digest.hexdigest()
 
 
 def source_identity(source) -> dict:
-    """What identifies a source's data: its class and its plain settings (roots made absolute)."""
+    """What identifies a source's data: its class and its plain settings (paths made absolute)."""
     identity = {"type": f"{type(source).__module__}.{type(source).__qualname__}"}
     for key, value in sorted(vars(source).items()):
         if key.startswith("_") or key == "download":
             continue
-        if isinstance(value, str) and key.endswith("root"):
+        if isinstance(value, Path) or (isinstance(value, str) and key.endswith(("root", "path"))):
             value = str(Path(value).expanduser().resolve())
         if value is None or isinstance(value, (str, int, float, bool)):
             identity[key] = value

@@ -91,22 +91,47 @@ def build_contract(datamodule, *, backbone: str, data_config: Mapping | None = N
             for s in SPLITS
             if s in datamodule.datasets
         },
-        "data": _absolute_roots(_plain(data_config)) if data_config is not None else None,
+        "data": portable_data_config(data_config) if data_config is not None else None,
     }
 
 
-def _absolute_roots(node):
-    """Folders (keys ending in ``root``) as absolute paths: valid from any working directory."""
-    if isinstance(node, dict):
-        return {
-            k: str(Path(v).expanduser().resolve())
-            if isinstance(v, str) and k.endswith("root")
-            else _absolute_roots(v)
-            for k, v in node.items()
-        }
-    if isinstance(node, list):
-        return [_absolute_roots(v) for v in node]
-    return node
+def portable_data_config(data) -> dict:
+    """The ``data`` config as plain python that rebuilds the same data anywhere.
+
+    Interpolations into other groups (``model.backbone``, ``augment``, ``paths``) are resolved;
+    references inside ``data`` (``source.root: ${..root}``) are kept, so that overriding
+    ``data.root`` later still reaches the source; paths (keys ending in ``root`` or ``path``)
+    are made absolute, valid from any working directory.
+    """
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.is_config(data):
+        data = OmegaConf.create(dict(data))
+
+    def walk(node, keys: list[str]):
+        if isinstance(node, dict):
+            return {k: walk(v, [*keys, str(k)]) for k, v in node.items()}
+        if "${" in json.dumps(node):
+            if isinstance(node, str) and _stays_inside(node, depth=len(keys)):
+                return node
+            value = OmegaConf.select(data, ".".join(keys))
+            return (
+                OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            )
+        if isinstance(node, str) and keys and keys[-1].endswith(("root", "path")):
+            return str(Path(node).expanduser().resolve())
+        return node
+
+    return walk(OmegaConf.to_container(data, resolve=False), [])
+
+
+def _stays_inside(text: str, *, depth: int) -> bool:
+    """Whether ``text`` is one relative interpolation (``${..root}``) that resolves inside the
+    node at ``depth`` below the data config's top."""
+    if not (text.startswith("${.") and text.endswith("}") and text.count("${") == 1):
+        return False
+    dots = len(text[2:]) - len(text[2:].lstrip("."))
+    return ":" not in text and dots <= depth
 
 
 def head_tasks(tasks: Mapping | None) -> dict | None:
@@ -182,28 +207,51 @@ def describe_difference(a: Mapping, b: Mapping, keys: Sequence[str] = MEMBER_KEY
     return "; ".join(out)
 
 
-def check_members_agree(contracts: Sequence[dict | None], paths: Sequence) -> dict | None:
-    """The members' common contract; a UserError naming the first difference between two."""
-    known = [(c, p) for c, p in zip(contracts, paths, strict=True) if c is not None]
-    if not known:
+def check_members_agree(
+    contracts: Sequence[dict | None], paths: Sequence, *, same_test_set: bool = False
+) -> dict | None:
+    """The members' common contract (None when no member has one).
+
+    Members must agree on classes, input settings and mirror invariance; with
+    ``same_test_set`` (``task=eval``, which tests every member on the first one's data) also on
+    the data source, the split seed and the test split. A UserError names the first difference.
+    Members with a contract and members without one (older checkpoints) are not mixed: the old
+    ones could not be checked.
+    """
+    if all(c is None for c in contracts):
         return None
-    first, first_path = known[0]
-    for contract, path in known[1:]:
-        diff = describe_difference(first, contract)
+    if any(c is None for c in contracts):
+        old = [str(p) for c, p in zip(contracts, paths, strict=True) if c is None]
+        raise UserError(
+            f"{', '.join(old[:3])} carry no data contract (older checkpoints) while the other "
+            "members do: their classes and input settings cannot be checked against each other; "
+            "evaluate them separately, or re-train the old ones."
+        )
+    keys = (*MEMBER_KEYS, "fingerprint", "split_seed", "test_split") if same_test_set else None
+    first, first_path = contracts[0], paths[0]
+    for contract, path in zip(contracts[1:], paths[1:], strict=True):
+        diff = describe_difference(_comparable(first), _comparable(contract), keys or MEMBER_KEYS)
         if diff:
             raise UserError(
                 f"Checkpoints {first_path} and {path} were trained with different data "
                 f"contracts ({diff}): ensemble only models trained on the same classes with the "
-                "same input settings."
+                "same input settings" + (" and tested on the same split." if keys else ".")
             )
     return first
 
 
+def _comparable(contract: dict) -> dict:
+    return {**contract, "test_split": (contract.get("splits") or {}).get("test")}
+
+
 # ---------------------------------------------------------------------------- using a checkpoint
 def data_config_for(cfg, contract: dict | None):
-    """The ``data`` config a task on a checkpoint should use: the checkpoint's own, with the
-    ``data`` overrides given on this command line on top (one warning names each value that
-    differs from the checkpoint's). Without a contract: ``cfg.data`` as composed."""
+    """The ``data`` config a task on a checkpoint should use: the checkpoint's own (its source,
+    classes and split), with the ``data`` overrides given on this command line on top (one
+    warning names each input setting that differs from the checkpoint's), how to load (batch
+    sizes, workers) from ``cfg.data``, and no training augmentation. Without a contract:
+    ``cfg.data`` as composed. ``data=<group>`` on the command line means other data: ``cfg.data``.
+    """
     from omegaconf import OmegaConf, open_dict
 
     if contract is None or not contract.get("data"):
@@ -214,9 +262,12 @@ def data_config_for(cfg, contract: dict | None):
     else:
         data = OmegaConf.create(contract["data"])
         with open_dict(data):
+            data.augment = None  # testing never augments (and fits no colour PCA)
             # how to load is this machine's business, what to load the checkpoint's
             for key in {*LOADER_KEYS, *explicit}:
-                value = OmegaConf.select(cfg.data, key)
+                value = OmegaConf.select(cfg.data, key, default="__absent__")
+                if isinstance(value, str) and value == "__absent__":
+                    continue
                 if OmegaConf.is_config(value):
                     value = OmegaConf.to_container(value, resolve=True)
                 OmegaConf.update(data, key, value, force_add=True)
@@ -230,19 +281,22 @@ def warn_if_split_differs(contract: dict | None, datamodule) -> None:
         return
     then, ids = contract["splits"]["test"], datamodule.ids("test")
     if then["sha1"] != ids_digest(ids):
+        changed = contract.get("fingerprint") != datamodule.source_fingerprint
         log.warning(
             "The test set is not the one the checkpoint's run was tested on (%d images then, %d "
             "now%s): scores are not comparable with that run's.",
             then["count"],
             len(ids),
-            "; the data source changed"
-            if contract.get("fingerprint") != datamodule.source_fingerprint
-            else "",
+            "; the data source changed" if changed else "",
         )
 
 
 def explicit_data_keys() -> list[str]:
-    """The ``data.*`` keys given on the command line ('' for ``data=<group>``)."""
+    """The ``data.*`` keys given on the command line ('' for ``data=<group>``).
+
+    Read from Hydra's record of this job's overrides; a task called outside a Hydra job (no
+    ``HydraConfig``) has none: the checkpoint's settings are used as recorded.
+    """
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
@@ -257,19 +311,20 @@ def explicit_data_keys() -> list[str]:
     return keys
 
 
+def _overridden(data_key: str, explicit: Sequence[str]) -> bool:
+    return data_key in explicit or "" in explicit
+
+
 def warn_input_overrides(contract: dict, data, explicit: Sequence[str]) -> None:
     """One warning for the explicit data values that differ from what the model was trained on."""
-    trained = {**contract["input"], "mirror_invariant": contract.get("mirror_invariant")}
-    now = {k: _resolved(data, v) for k, v in DATA_KEYS.items()}
-    now["mirror_invariant"] = _resolved(data, "mirror_invariant")
     keys = {**DATA_KEYS, "mirror_invariant": "mirror_invariant"}
-    changed = [
-        f"data.{keys[k]}: trained with {trained[k]!r}, now {now[k]!r}"
-        for k in trained
-        if (keys[k] in explicit or "" in explicit)
-        and now[k] is not None
-        and _normal(now[k]) != _normal(trained[k])
-    ]
+    trained = {**contract["input"], "mirror_invariant": contract.get("mirror_invariant")}
+    changed = []
+    for key, data_key in keys.items():
+        now = _resolved(data, data_key)
+        differs = now is not None and _normal(now) != _normal(trained[key])
+        if _overridden(data_key, explicit) and differs:
+            changed.append(f"data.{data_key}: trained with {trained[key]!r}, now {now!r}")
     if changed:
         log.warning(
             "Overriding what the checkpoint was trained with: %s. Its scores may not carry over.",
@@ -277,25 +332,26 @@ def warn_input_overrides(contract: dict, data, explicit: Sequence[str]) -> None:
         )
 
 
-def input_settings(contract: dict | None, data) -> dict:
+def input_settings(contract: dict | None, data, *, backbone: str | None = None) -> dict:
     """Input settings for images fed to a checkpoint: the contract's; explicit ``data`` values
-    given on the command line win (after one warning). Without a contract: from ``data``."""
+    given on the command line win (after one warning). Without a contract: from ``data``, with
+    ``backbone`` (the checkpoint's) filling what ``data`` leaves to the backbone."""
     from datamodules.data_config import resolve_data_config
 
-    values = dict(contract["input"]) if contract is not None else {}
-    mirror = contract.get("mirror_invariant") if contract is not None else None
-    explicit = explicit_data_keys() if contract is not None else list(DATA_KEYS.values())
-    for key, data_key in DATA_KEYS.items():
-        if contract is None or data_key in explicit:
-            value = _resolved(data, data_key)
-            if value is not None:
-                values[key] = value
-    if contract is None or "mirror_invariant" in explicit:
-        mirror = _resolved(data, "mirror_invariant")
-    if contract is not None:
+    if contract is None:
+        explicit = [*DATA_KEYS.values(), "mirror_invariant"]  # everything from data
+        values, mirror = {}, None
+    else:
+        explicit = explicit_data_keys()
+        values, mirror = dict(contract["input"]), contract.get("mirror_invariant")
         warn_input_overrides(contract, data, explicit)
+    for key, data_key in DATA_KEYS.items():
+        if _overridden(data_key, explicit) and _resolved(data, data_key) is not None:
+            values[key] = _resolved(data, data_key)
+    if _overridden("mirror_invariant", explicit):
+        mirror = _resolved(data, "mirror_invariant")
     dc = resolve_data_config(
-        backbone=(contract or {}).get("backbone") or _resolved(data, "backbone"),
+        backbone=(contract or {}).get("backbone") or backbone or _resolved(data, "backbone"),
         image_size=values.get("image_size"),
         mean=values.get("mean"),
         std=values.get("std"),
@@ -333,14 +389,18 @@ def check_resume(path: str | Path, contract: dict) -> None:
 def check_no_leak(weights_contract: dict | None, datamodule, *, allow: bool, weights) -> None:
     """Refuse fine-tuning whose validation/test images were training images of ``weights``.
 
-    Checked when the weights' contract names the same data source (its type and locations); an
-    overlap is a UserError naming the count and the fix, or one warning with ``allow``.
+    Checked when the weights were trained on the same data: the same source fingerprint (the
+    same ids and labels, wherever they are stored), or the same source type and main location
+    (data that has changed since). An overlap is a UserError naming the count and the fix, or
+    one warning with ``allow``.
     """
     from datamodules.image_datamodule import source_identity
 
     if not weights_contract or "train_keys" not in weights_contract:
         return
-    if _location(weights_contract.get("source")) != _location(source_identity(datamodule.source)):
+    same_data = weights_contract.get("fingerprint") == datamodule.source_fingerprint
+    here = _location(source_identity(datamodule.source))
+    if not same_data and _location(weights_contract.get("source")) != here:
         return
     held = [*datamodule.ids("val"), *datamodule.ids("test")]
     trained = np.asarray(weights_contract["train_keys"].numpy(), dtype=np.int64)
@@ -363,9 +423,10 @@ def check_no_leak(weights_contract: dict | None, datamodule, *, allow: bool, wei
 
 
 def _location(source: Mapping | None) -> dict:
-    """Which data a source reads: its type and its text settings (roots, names), not rendering
-    options such as the digits' image_size."""
-    return {k: v for k, v in (source or {}).items() if isinstance(v, str)}
+    """Where a source's training pool comes from: its type, name and main file or folder
+    (``root``, ``path``); not its separate val/test folders nor rendering options such as the
+    digits' image_size."""
+    return {k: v for k, v in (source or {}).items() if k in ("type", "name", "root", "path")}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -391,11 +452,3 @@ def _normal(value):
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _plain(value):
-    from omegaconf import OmegaConf
-
-    if OmegaConf.is_config(value):
-        return OmegaConf.to_container(value, resolve=True)
-    return json.loads(json.dumps(value))

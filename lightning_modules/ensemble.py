@@ -99,17 +99,22 @@ def load_classifier(path: str | Path) -> ImageClassifier:
     return model
 
 
-def load_model(paths: Sequence[str | Path], *, with_contract: bool = False):
+def load_model(
+    paths: Sequence[str | Path], *, with_contract: bool = False, same_test_set: bool = False
+):
     """One checkpoint: its classifier. Several: their :class:`EnsembleClassifier`.
 
-    Members trained with different data contracts (classes, input settings, mirror invariance)
-    are refused with a message naming the difference. With ``with_contract``, returns
-    ``(model, the members' common contract or None)``.
+    Members trained with different data contracts (classes, input settings, mirror invariance;
+    with ``same_test_set`` also data source, split seed and test split) are refused with a
+    message naming the difference. With ``with_contract``, returns ``(model, the members'
+    common contract or None)``.
     """
     from lightning_modules.data_contract import check_members_agree
 
     members = [load_classifier(p) for p in paths]
-    contract = check_members_agree([m.data_contract for m in members], list(paths))
+    contract = check_members_agree(
+        [m.data_contract for m in members], list(paths), same_test_set=same_test_set
+    )
     if len(members) == 1:
         model = members[0]
     else:

@@ -42,7 +42,12 @@ DATA_KEYS = (
 
 def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     """Test ``cfg.ckpt_path`` (one checkpoint or an ensemble); returns ``(metrics, objects)``."""
-    from lightning_modules.data_contract import data_config_for, warn_if_split_differs
+    from lightning_modules.data_contract import (
+        build_contract,
+        data_config_for,
+        warn_if_split_differs,
+        write_run_contract,
+    )
     from lightning_modules.ensemble import find_checkpoints, load_model
     from lightning_modules.run_outputs import write_metrics
     from run import instantiate, resolved_config, save_test_results, seed_run, tta_callback
@@ -50,11 +55,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     out_dir = Path(cfg.paths.output_dir)
     seed = seed_run(cfg.seed)
     checkpoints = find_checkpoints(cfg.get("ckpt_path"))
-    model, contract = load_model(checkpoints, with_contract=True)
+    model, contract = load_model(checkpoints, with_contract=True, same_test_set=True)
     if contract is None:
         warn_if_data_differs(checkpoints, cfg)
 
-    datamodule = instantiate(data_config_for(cfg, contract), _convert_="all")
+    datamodule_config = data_config_for(cfg, contract)
+    datamodule = instantiate(datamodule_config, _convert_="all")
     datamodule.prepare_data()
     datamodule.setup("test")
     warn_if_split_differs(contract, datamodule)
@@ -86,6 +92,11 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     if trainer.is_global_zero:
         save_test_results(out_dir, metrics, datamodule=datamodule, model=model, tta=tta)
         write_metrics(out_dir, metrics)
+        # what was tested: an eval run's directory is read like a training run's
+        tested = build_contract(
+            datamodule, backbone=model.hparams["backbone"], data_config=datamodule_config
+        )
+        write_run_contract(out_dir, tested, datamodule)
     summary = ", ".join(
         f"{k}={metrics[k]:.4f}" for k in ("test/acc", "test/nll", "test_tta/acc") if k in metrics
     )

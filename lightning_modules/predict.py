@@ -96,7 +96,7 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
     model, contract = load_model(checkpoints, with_contract=True)
     class_names = list(model.hparams.get("class_names") or range(model.hparams["num_classes"]))
     data = cfg.data
-    inputs = input_settings(contract, data)
+    inputs = input_settings(contract, data, backbone=model.hparams.get("backbone"))
     tta = instantiate(
         cfg.tta,
         mirror_invariant=inputs["mirror_invariant"],

@@ -431,7 +431,7 @@ def visualize(cfg: DictConfig) -> tuple[dict, dict]:
     contract = model.data_contract
     head = head_of(model, options.get("task"))
     if options.get("images"):  # the checkpoint's input settings, whatever data says
-        inputs = input_settings(contract, cfg.data)
+        inputs = input_settings(contract, cfg.data, backbone=model.hparams.get("backbone"))
         transform = build_eval_transform(
             image_size=inputs["image_size"],
             mean=inputs["mean"],

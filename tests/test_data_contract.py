@@ -258,6 +258,56 @@ def test_eval_of_a_run_needs_none_of_its_data_options(folder_run, tmp_path):
     assert load_predictions(tmp_path)["ids"].tolist() == load_predictions(run_dir)["ids"].tolist()
 
 
+def test_eval_on_moved_data_follows_data_root_into_the_source(folder_run, tmp_path):
+    from lightning_modules.evaluate import evaluate
+
+    run_dir, root = folder_run
+    moved = shutil.copytree(root, tmp_path / "moved")
+    cfg = compose_cfg(
+        tmp_path / "e", ["task=eval", f"ckpt_path={run_dir}", "tta=none", f"data.root={moved}"]
+    )
+    metrics, objects = evaluate(cfg)
+    assert str(objects["datamodule"].source.root) == str(moved)
+    assert metrics["test/acc"] == pytest.approx(read_metrics(run_dir)["test/acc"], abs=1e-6)
+
+
+def test_tta_scores_the_same_images_as_a_limited_test(folder_run, tmp_path):
+    from lightning_modules.evaluate import evaluate
+
+    run_dir, _ = folder_run
+    cfg = compose_cfg(
+        tmp_path,
+        [
+            "task=eval",
+            f"ckpt_path={run_dir}",
+            "tta=flip",
+            "trainer.limit_test_batches=2",
+            "data.eval_batch_size=8",
+        ],
+    )
+    evaluate(cfg)
+    single, tta = load_predictions(tmp_path, "test"), load_predictions(tmp_path, "test_tta")
+    assert len(single["ids"]) == 16 and tta["ids"].tolist() == single["ids"].tolist()
+
+
+def test_eval_refuses_an_ensemble_tested_on_other_splits_or_of_old_and_new_members(
+    folder_run, tmp_path
+):
+    from lightning_modules.evaluate import evaluate
+
+    run_dir, _ = folder_run
+    other = shutil.copytree(run_dir, tmp_path / "other")
+    ckpt = torch.load(other / "checkpoints" / "best.ckpt", weights_only=True)
+    ckpt["data_contract"]["split_seed"] = 7
+    torch.save(ckpt, other / "checkpoints" / "best.ckpt")
+    with pytest.raises(UserError, match="split_seed: 0 vs 7"):
+        evaluate(compose_cfg(tmp_path / "e", ["task=eval", f"ckpt_path=[{run_dir},{other}]"]))
+    ckpt.pop("data_contract")
+    torch.save(ckpt, other / "checkpoints" / "best.ckpt")
+    with pytest.raises(UserError, match="carry no data contract"):
+        evaluate(compose_cfg(tmp_path / "f", ["task=eval", f"ckpt_path=[{run_dir},{other}]"]))
+
+
 def test_predict_uses_the_checkpoints_input_settings_not_the_current_data_config(
     folder_run, tmp_path
 ):
