@@ -53,11 +53,6 @@ class LoadReport:
         return text
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file (no code is ever executed while reading it)."""
-    return read_weights(path)[0]
-
-
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors of a weights file and what the file says about them: ``{"head": the classes (or
     tasks) its head was trained for, None when unknown; "contract": its data contract}``."""
