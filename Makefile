@@ -5,10 +5,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install run test bench lint constraints clean
+.PHONY: help install run test test-fast bench lint constraints clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## create/refresh .venv with the pinned versions
 
@@ -22,6 +22,9 @@ run: $(STAMP)  ## the main job: three seeds on the bundled digits, then the ense
 
 test: $(STAMP)  ## the test suite (offline, CPU, a few minutes)
 	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)  ## the inner loop: the suite without the slow end-to-end runs (<= 2 min)
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(STAMP)  ## speed and memory benchmarks (print their figures)
 	RUN_BENCHMARKS=1 $(BIN)/python -m pytest tests/benchmarks -s -p no:cacheprovider

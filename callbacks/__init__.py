@@ -1,1 +1,1 @@
-"""Lightning and Hydra callbacks: behaviour attached through hooks, state through state_dict."""
+"""Lightning callbacks: behaviour attached to training through hooks, state through state_dict."""

@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 from lightning_modules.layer_groups import LayerGroup, layer_groups
 
 log = logging.getLogger(__name__)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytorch_lightning as pl
 import torch
 
@@ -22,12 +24,35 @@ class TestTimeAugmentationCallback(pl.Callback):
 
     Works with any module whose forward returns logits or log-probabilities (an
     ``EnsembleClassifier`` too), tested on an :class:`~datamodules.ImageDataModule`.
-    """
 
     __test__ = False  # a class named Test* that pytest must not collect
 
-    def __init__(self, tta: TestTimeAugmentation, *, prefix: str = "test_tta") -> None:
-        self.tta, self.prefix = tta, prefix
+    Args:
+        mode, crop_pct, scales, flip, interpolation, mirror_invariant: the views, as
+            :class:`~lightning_modules.tta.TestTimeAugmentation` (``conf/tta/*.yaml``).
+        prefix: the logged metrics' prefix.
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: str = "five_crop",
+        crop_pct: float = 0.875,
+        scales: Sequence[float] = (1.0,),
+        flip: bool = False,
+        interpolation: str = "bilinear",
+        mirror_invariant: bool = True,
+        prefix: str = "test_tta",
+    ) -> None:
+        self.tta = TestTimeAugmentation(
+            mode=mode,
+            crop_pct=crop_pct,
+            scales=scales,
+            flip=flip,
+            interpolation=interpolation,
+            mirror_invariant=mirror_invariant,
+        )
+        self.prefix = prefix
         self.outputs: dict[str, torch.Tensor] | None = None
         self._rows: list[int] = []
 

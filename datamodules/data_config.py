@@ -16,6 +16,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from datamodules.errors import UserError
+
 log = logging.getLogger(__name__)
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -86,8 +88,6 @@ def resolve_data_config(
     crop_pct: float | None = None,
 ) -> DataConfig:
     """Explicit values win; every ``None`` is filled from the backbone's timm data config."""
-    from lightning_modules.errors import UserError
-
     given = {
         "image_size": image_size,
         "mean": mean,
@@ -97,37 +97,12 @@ def resolve_data_config(
     }
     origin = {k: "data config" for k, v in given.items() if v is not None}
     if len(origin) < len(given):
-        timm_cfg, timm_origin = backbone_data_config(backbone)
-        h, w = timm_cfg["input_size"][-2:]
-        from_timm = {
-            "image_size": max(h, w),
-            "mean": timm_cfg["mean"],
-            "std": timm_cfg["std"],
-            "interpolation": timm_cfg["interpolation"],
-            "crop_pct": timm_cfg["crop_pct"],
-        }
-        for k, v in given.items():
-            if v is None:
-                given[k], origin[k] = from_timm[k], timm_origin
-    interp = str(given["interpolation"]).lower()
-    if interp not in INTERPOLATIONS:  # timm may say e.g. "bicubic" or "random"
-        if origin["interpolation"] == "data config":
-            raise UserError(
-                f"data.interpolation={given['interpolation']!r} is not supported: use one of "
-                f"{', '.join(INTERPOLATIONS)} (or null for the backbone's)."
-            )
-        interp = "bicubic"
+        _fill_from_backbone(given, origin, backbone)
+    interp = _checked_interpolation(given["interpolation"], origin["interpolation"])
     size = int(given["image_size"])
     if size < 1:
         raise UserError(f"data.image_size={size}: use a positive size in pixels (or null).")
-    stats = {}
-    for key in ("mean", "std"):
-        values = tuple(float(v) for v in given[key])
-        if len(values) != 3:
-            raise UserError(f"data.{key}={list(values)}: give three values, one per RGB channel.")
-        stats[key] = values
-    if min(stats["std"]) <= 0:
-        raise UserError(f"data.std={list(stats['std'])}: every std must be positive.")
+    stats = _checked_mean_std(given["mean"], given["std"])
     crop = float(given["crop_pct"])
     if not 0 < crop <= 1:
         raise UserError(f"data.eval_crop_pct={crop}: use a fraction in (0, 1] (1 = no crop).")
@@ -139,3 +114,47 @@ def resolve_data_config(
         crop_pct=crop,
         origin=origin,
     )
+
+
+def _fill_from_backbone(given: dict, origin: dict, backbone: str | None) -> None:
+    """Fill every ``None`` of ``given`` from the backbone's timm data config (in place), and
+    record in ``origin`` where it came from."""
+    timm_cfg, timm_origin = backbone_data_config(backbone)
+    h, w = timm_cfg["input_size"][-2:]
+    from_timm = {
+        "image_size": max(h, w),
+        "mean": timm_cfg["mean"],
+        "std": timm_cfg["std"],
+        "interpolation": timm_cfg["interpolation"],
+        "crop_pct": timm_cfg["crop_pct"],
+    }
+    for k, v in given.items():
+        if v is None:
+            given[k], origin[k] = from_timm[k], timm_origin
+
+
+def _checked_interpolation(value, origin: str) -> str:
+    """``value`` lower-cased; one we do not support is a UserError when the user set it, and
+    bicubic when it came from timm."""
+    interp = str(value).lower()
+    if interp not in INTERPOLATIONS:  # timm may say e.g. "bicubic" or "random"
+        if origin == "data config":
+            raise UserError(
+                f"data.interpolation={value!r} is not supported: use one of "
+                f"{', '.join(INTERPOLATIONS)} (or null for the backbone's)."
+            )
+        interp = "bicubic"
+    return interp
+
+
+def _checked_mean_std(mean, std) -> dict[str, tuple[float, ...]]:
+    """``{"mean": ..., "std": ...}`` as tuples of three floats; every std positive."""
+    stats = {}
+    for key, given in (("mean", mean), ("std", std)):
+        values = tuple(float(v) for v in given)
+        if len(values) != 3:
+            raise UserError(f"data.{key}={list(values)}: give three values, one per RGB channel.")
+        stats[key] = values
+    if min(stats["std"]) <= 0:
+        raise UserError(f"data.std={list(stats['std'])}: every std must be positive.")
+    return stats

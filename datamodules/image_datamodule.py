@@ -14,11 +14,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.data_config import resolve_data_config
 from datamodules.epoch_sampler import EpochSampler, sample_seed
+from datamodules.errors import UserError
 from datamodules.pca_jitter import (
     BatchPCAJitter,
     ColorPCA,
-    fit_color_pca,
-    load_or_fit_color_pca,
+    batch_seed,
+    describe_fit,
+    load_or_fit_training_pca,
 )
 from datamodules.sources.base import Pool, SourceData
 from datamodules.split import cap_per_class, stratified_split
@@ -28,7 +30,6 @@ from datamodules.transforms import (
     build_train_transform,
     describe_augment,
 )
-from lightning_modules.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,25 @@ class ImageDataModule(pl.LightningDataModule):
             return  # idempotent: Lightning calls setup once per stage
         data: SourceData = self.source.load()
         self.source_fingerprint = source_fingerprint(data)
+        pools, indices, targets, names = self._split_rows(data)
+        self.class_names = names
+        self._setup_color_pca(pools["train"], indices["train"])
+        self._make_datasets(pools, indices, targets)
+        sizes = ", ".join(f"{s} {len(d)}" for s, d in self.datasets.items())
+        log.info("Data: %d classes; %s images (split_seed=%d)", len(names), sizes, self.split_seed)
+        log.info("Input: %s", self.data_config.describe())
+        log.info(
+            "Augmentation: %s",
+            describe_augment(self.augment_options, mirror_invariant=self.mirror_invariant),
+        )
+
+    def _split_rows(self, data: SourceData) -> tuple[dict, dict, dict, list[str]]:
+        """``(pools, indices, targets, class names)`` of every split, ``classes`` applied.
+
+        ``pools[split]`` holds the images, ``indices[split]`` the split's rows of that pool and
+        ``targets[split]`` their (renumbered) classes. Splits the source lacks are carved out of
+        its training pool; ``max_per_class`` caps the training split last.
+        """
         names = list(data.class_names)
         pools = {"train": data.train, "val": data.val, "test": data.test}
         keep_map = self._class_map(names)
@@ -181,25 +201,7 @@ class ImageDataModule(pl.LightningDataModule):
                 rows = np.flatnonzero(keep_map[pool.targets] >= 0)
                 indices[split], targets[split] = rows, keep_map[pool.targets[rows]]
         names = [n for i, n in enumerate(names) if keep_map[i] >= 0]
-        missing = {s: self.fractions[s] for s in ("val", "test") if s not in indices}
-        if missing:
-            base_idx, base_t = indices["train"], targets["train"]
-            parts = stratified_split(
-                base_t,
-                ids=[data.train.ids[i] for i in base_idx],
-                fractions=missing,
-                seed=self.split_seed,
-                class_names=names,
-            )
-            for split, rows in parts.items():
-                indices[split], targets[split] = base_idx[rows], base_t[rows]
-                pools[split] = data.train
-        for split in ("val", "test"):
-            if split not in indices:
-                raise UserError(
-                    f"No {split} set: give data.{split}_fraction > 0 or a separate {split} "
-                    f"folder (data.source.{split}_root)."
-                )
+        self._carve_missing_splits(data.train, pools, indices, targets, names)
         if self.max_per_class:
             keep = cap_per_class(
                 targets["train"],
@@ -208,8 +210,38 @@ class ImageDataModule(pl.LightningDataModule):
                 seed=self.split_seed,
             )
             indices["train"], targets["train"] = indices["train"][keep], targets["train"][keep]
-        self.class_names = names
-        self._setup_color_pca(pools["train"], indices["train"])
+        return pools, indices, targets, names
+
+    def _carve_missing_splits(
+        self, train: Pool, pools: dict, indices: dict, targets: dict, names: list[str]
+    ) -> None:
+        """Val/test splits the source lacks, stratified out of its training pool (in place).
+
+        A UserError when a split is still missing (its fraction is 0).
+        """
+        missing = {s: self.fractions[s] for s in ("val", "test") if s not in indices}
+        if missing:
+            base_idx, base_t = indices["train"], targets["train"]
+            parts = stratified_split(
+                base_t,
+                ids=[train.ids[i] for i in base_idx],
+                fractions=missing,
+                seed=self.split_seed,
+                class_names=names,
+            )
+            for split, rows in parts.items():
+                indices[split], targets[split] = base_idx[rows], base_t[rows]
+                pools[split] = train
+        for split in ("val", "test"):
+            if split not in indices:
+                raise UserError(
+                    f"No {split} set: give data.{split}_fraction > 0 or a separate {split} "
+                    f"folder (data.source.{split}_root)."
+                )
+
+    def _make_datasets(self, pools: dict, indices: dict, targets: dict) -> None:
+        """One :attr:`dataset_class` per split (training transform for train, eval for the
+        others) and the sample ids of each."""
         transforms = {"train": self.train_transform(), "eval": self.eval_transform()}
         for split in SPLITS:
             if split not in indices:
@@ -220,13 +252,6 @@ class ImageDataModule(pl.LightningDataModule):
                 pool, indices[split], targets[split], tf, seed=self.seed
             )
             self._ids[split] = [pool.ids[i] for i in indices[split]]
-        sizes = ", ".join(f"{s} {len(d)}" for s, d in self.datasets.items())
-        log.info("Data: %d classes; %s images (split_seed=%d)", len(names), sizes, self.split_seed)
-        log.info("Input: %s", self.data_config.describe())
-        log.info(
-            "Augmentation: %s",
-            describe_augment(self.augment_options, mirror_invariant=self.mirror_invariant),
-        )
 
     def _class_map(self, names: list[str]) -> np.ndarray:
         """Old class index -> new index (or -1 when the class is dropped by ``classes``)."""
@@ -298,7 +323,8 @@ class ImageDataModule(pl.LightningDataModule):
         """The :class:`ColorPCA` that ``augment.pca.eigen`` asks for, even with ``sigma=0``.
 
         ``imagenet``: AlexNet's constants. ``fit``: fitted on the training split (``pool`` and
-        ``rows``, by default those of :meth:`setup`), loaded from the cache when it is there.
+        ``rows``, by default those of :meth:`setup`) at the eval geometry, loaded from the cache
+        when it is there (:func:`~datamodules.pca_jitter.load_or_fit_training_pca`).
         """
         options = self.augment_options["pca"]
         if options["eigen"] == "imagenet":
@@ -307,46 +333,22 @@ class ImageDataModule(pl.LightningDataModule):
             if "train" not in self.datasets:
                 self.setup()
             pool, rows = self.datasets["train"].pool, self.datasets["train"].indices
-        return self._fit_color_pca(pool, rows, options)
-
-    def _fit_color_pca(self, pool: Pool, rows: np.ndarray, options: Mapping) -> ColorPCA:
-        """Colour PCA of (a sample of) the training images at the eval geometry, in [0, 1]."""
-        fit_seed = 0  # the sample is a property of the data, not of the training seed
-        n = min(int(options["fit_images"]), len(rows))
-        ids = "\n".join(pool.ids[int(i)] for i in rows)
-        key = {
-            "source": source_identity(self.source),
-            "train_ids_sha1": hashlib.sha1(ids.encode()).hexdigest(),
-            "n_train": len(rows),
-            "fit_images": n,
-            "fit_seed": fit_seed,
-            "image_size": self.image_size,
-            "crop_pct": self.eval_crop_pct,
-            "interpolation": self.interpolation,
-        }
-
-        def fit() -> ColorPCA:
-            chosen = np.random.default_rng(fit_seed).choice(len(rows), n, replace=False)
-            rows_fit = rows[np.sort(chosen)]
-            dataset = SplitDataset(
-                pool, rows_fit, np.zeros(n, dtype=np.int64), self.eval_transform(normalize=False)
-            )
-            # its own generator: fitting (or not, when cached) must not move the global RNG
-            loader = DataLoader(
-                dataset,
-                batch_size=64,
-                num_workers=self.num_workers,
-                generator=torch.Generator().manual_seed(fit_seed),
-            )
-            return fit_color_pca(x for x, _, _ in loader)
-
-        pca, path, cached = load_or_fit_color_pca(
-            fit, key=key, cache_dir=options.get("cache_dir"), name=type(self.source).__name__
+        pca, path, cached = load_or_fit_training_pca(
+            pool,
+            rows,
+            transform=self.eval_transform(normalize=False),
+            fit_images=options["fit_images"],
+            key={
+                "source": source_identity(self.source),
+                "image_size": self.image_size,
+                "crop_pct": self.eval_crop_pct,
+                "interpolation": self.interpolation,
+            },
+            cache_dir=options.get("cache_dir"),
+            name=type(self.source).__name__,
+            num_workers=self.num_workers,
         )
-        values = ", ".join(f"{v:.4g}" for v in pca.eigval)
-        how = f"loaded from {path}" if cached else f"fitted on {pca.n_images} training images"
-        where = "" if cached or path is None else f", cached in {path}"
-        log.info("PCA colour jitter: eigenvalues (%s), %s%s", values, how, where)
+        log.info("PCA colour jitter: %s", describe_fit(pca, path, cached))
         return pca
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
@@ -368,8 +370,7 @@ class ImageDataModule(pl.LightningDataModule):
         if trainer.current_epoch != epoch:
             epoch, count = trainer.current_epoch, 0
         self._batch_position = (epoch, count + 1)
-        entropy = [self.seed, int(getattr(trainer, "global_rank", 0)), epoch, count]
-        return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+        return batch_seed(self.seed, int(getattr(trainer, "global_rank", 0)), epoch, count)
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, split: str, *, train: bool) -> DataLoader:

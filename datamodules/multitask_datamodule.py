@@ -14,8 +14,8 @@ import logging
 import numpy as np
 import torch
 
+from datamodules.errors import UserError
 from datamodules.image_datamodule import ImageDataModule, SplitDataset
-from lightning_modules.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,8 @@ Two equivalent ways to apply it:
 The eigen-decomposition is either AlexNet's ImageNet constants (:meth:`ColorPCA.imagenet`) or
 fitted to your own training images by :func:`fit_color_pca` (streaming, float64 sums), cached on
 disk by :func:`load_or_fit_color_pca` so that it is computed once per data set.
+:func:`load_or_fit_training_pca` does both for a DataModule's training split (a seeded sample of
+its images at the eval geometry); :func:`batch_seed` seeds the on-device jitter of each batch.
 """
 
 from __future__ import annotations
@@ -260,3 +262,93 @@ def load_or_fit_color_pca(
         json.dump({"key": key, "pca": pca.to_dict()}, f, indent=1)
     os.replace(tmp, path)
     return pca, path, False
+
+
+# ---------------------------------------------------------------------------- fitting it on a data set
+FIT_SEED = 0  # which images the fit samples is a property of the data, not of the training seed
+
+
+class _TransformedRows:
+    """Rows ``rows`` of a pool (anything with ``load(index)``), each through ``transform``."""
+
+    def __init__(self, pool, rows: np.ndarray, transform) -> None:
+        self.pool, self.rows, self.transform = pool, rows, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.pool.load(int(self.rows[i])))
+
+
+def fit_sample_rows(rows: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` of ``rows`` a fit uses: drawn with :data:`FIT_SEED`, kept in their order."""
+    chosen = np.random.default_rng(FIT_SEED).choice(len(rows), n, replace=False)
+    return rows[np.sort(chosen)]
+
+
+def fit_color_pca_on_rows(pool, rows: np.ndarray, transform, *, num_workers: int = 0) -> ColorPCA:
+    """:func:`fit_color_pca` of the images ``rows`` of ``pool`` through ``transform``, in batches
+    of 64 loaded by ``num_workers`` workers."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        _TransformedRows(pool, rows, transform),
+        batch_size=64,
+        num_workers=num_workers,
+        # its own generator: fitting (or not, when cached) must not move the global RNG
+        generator=torch.Generator().manual_seed(FIT_SEED),
+    )
+    return fit_color_pca(loader)
+
+
+def load_or_fit_training_pca(
+    pool,
+    rows: np.ndarray,
+    *,
+    transform,
+    fit_images: int,
+    key: Mapping,
+    cache_dir: str | Path | None,
+    name: str,
+    num_workers: int = 0,
+) -> tuple[ColorPCA, Path | None, bool]:
+    """Colour PCA of (a sample of ``fit_images`` of) the training images ``rows`` of ``pool``.
+
+    ``transform`` gives each image as the fit sees it (the eval geometry, float [0, 1]). ``key``
+    says what else the result depends on (the source, the geometry); the training ids, their
+    number and the sample are added to it. Cached as :func:`load_or_fit_color_pca` does (file
+    prefix ``name``), whose ``(pca, cache file or None, loaded_from_cache)`` it returns.
+    """
+    n = min(int(fit_images), len(rows))
+    ids = "\n".join(pool.ids[int(i)] for i in rows)
+    key = {
+        **key,
+        "train_ids_sha1": hashlib.sha1(ids.encode()).hexdigest(),
+        "n_train": len(rows),
+        "fit_images": n,
+        "fit_seed": FIT_SEED,
+    }
+
+    def fit() -> ColorPCA:
+        return fit_color_pca_on_rows(
+            pool, fit_sample_rows(rows, n), transform, num_workers=num_workers
+        )
+
+    return load_or_fit_color_pca(fit, key=key, cache_dir=cache_dir, name=name)
+
+
+def describe_fit(pca: ColorPCA, path: Path | None, cached: bool) -> str:
+    """``eigenvalues (...), fitted on N training images[, cached in <file>]`` (or ``loaded from``)."""
+    values = ", ".join(f"{v:.4g}" for v in pca.eigval)
+    how = f"loaded from {path}" if cached else f"fitted on {pca.n_images} training images"
+    where = "" if cached or path is None else f", cached in {path}"
+    return f"eigenvalues ({values}), {how}{where}"
+
+
+def batch_seed(seed: int, rank: int, epoch: int, count: int) -> int:
+    """The seed of one training batch's on-device jitter: ``seed``, rank, epoch and the batch's
+    position in the epoch, mixed (a non-negative int63)."""
+    entropy = [seed, rank, epoch, count]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)

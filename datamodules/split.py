@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 
 
 def id_keys(ids: Sequence[str], *, seed: int, salt: str) -> np.ndarray:

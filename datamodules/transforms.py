@@ -21,7 +21,7 @@ import copy
 import math
 from collections.abc import Mapping, Sequence
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 
 # Every augmentation option and its "off" value; conf/augment/none.yaml mirrors this exactly.
 AUGMENT_DEFAULTS: dict = {
@@ -313,14 +313,24 @@ def build_train_transform(
     """
     from torchvision.transforms import v2
 
-    from datamodules.pca_jitter import ColorPCA, PCAJitter
-
     o = augment_options(augment)
-    interp = _interpolation(interpolation)
-    warp_interp = v2.InterpolationMode.BILINEAR  # affine/elastic/perspective support no bicubic
     steps: list = [ToRGB(), v2.ToImage()]
+    steps += _crop_steps(o, image_size, crop_pct, _interpolation(interpolation))
+    steps += _flip_steps(o, mirror_invariant)
+    steps += _warp_steps(o)
+    steps += _to_float()
+    steps += _colour_steps(o, color_pca)
+    if normalize:
+        steps += _normalize(mean, std)
+    return v2.Compose(steps)
+
+
+def _crop_steps(o: Mapping, image_size: int, crop_pct: float, interp) -> list:
+    """Random resized crop, ResNet scale jitter, or (neither set) the eval resize + centre crop."""
+    from torchvision.transforms import v2
+
     if rrc := o["random_resized_crop"]:
-        steps.append(
+        return [
             v2.RandomResizedCrop(
                 image_size,
                 scale=rrc["scale"],
@@ -328,19 +338,34 @@ def build_train_transform(
                 interpolation=interp,
                 antialias=True,
             )
-        )
-    elif sj := o["scale_jitter"]:
+        ]
+    if sj := o["scale_jitter"]:
         lo, hi = (max(image_size, round(f * image_size)) for f in sj)
-        steps += [
+        return [
             v2.RandomResize(lo, hi + 1, interpolation=interp, antialias=True),
             v2.RandomCrop(image_size, pad_if_needed=True),
         ]
-    else:
-        steps += _resize_center_crop(image_size, crop_pct, interp)
+    return _resize_center_crop(image_size, crop_pct, interp)
+
+
+def _flip_steps(o: Mapping, mirror_invariant: bool) -> list:
+    """Horizontal (only for ``mirror_invariant`` data) and vertical flips."""
+    from torchvision.transforms import v2
+
+    steps = []
     if o["hflip"] > 0 and mirror_invariant:
         steps.append(v2.RandomHorizontalFlip(p=o["hflip"]))
     if o["vflip"] > 0:
         steps.append(v2.RandomVerticalFlip(p=o["vflip"]))
+    return steps
+
+
+def _warp_steps(o: Mapping) -> list:
+    """Affine, elastic and perspective warps, each applied with its probability ``p``."""
+    from torchvision.transforms import v2
+
+    warp_interp = v2.InterpolationMode.BILINEAR  # affine/elastic/perspective support no bicubic
+    steps = []
     if (af := o["affine"])["p"] > 0:
         affine = v2.RandomAffine(
             degrees=af["degrees"],
@@ -360,7 +385,16 @@ def build_train_transform(
                 distortion_scale=pe["distortion"], p=pe["p"], interpolation=warp_interp
             )
         )
-    steps += _to_float()
+    return steps
+
+
+def _colour_steps(o: Mapping, color_pca) -> list:
+    """Colour jitter, then PCA colour jitter when it runs in the workers (``where=worker``)."""
+    from torchvision.transforms import v2
+
+    from datamodules.pca_jitter import ColorPCA, PCAJitter
+
+    steps = []
     cj = o["color_jitter"]
     if any(cj.values()):
         steps.append(v2.ColorJitter(**{k: (v or None) for k, v in cj.items()}))
@@ -371,6 +405,4 @@ def build_train_transform(
                 raise ValueError("augment.pca.eigen=fit needs the fitted ColorPCA (color_pca=...)")
             color_pca = ColorPCA.imagenet()
         steps.append(PCAJitter(color_pca, sigma=pca["sigma"]))
-    if normalize:
-        steps += _normalize(mean, std)
-    return v2.Compose(steps)
+    return steps

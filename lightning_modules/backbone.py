@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 
 
 def create_backbone(

@@ -1,4 +1,8 @@
-"""A trained model back from its checkpoint alone: hyper-parameters + weights, no download.
+"""Checkpoints: the one resolver every task uses, and a trained model back from its file alone.
+
+:func:`find_checkpoints` turns ``ckpt_path`` (a file, a run directory, a sweep directory, a glob
+or a list of them) into checkpoint files: a run's best checkpoint is the one its
+``metrics.json`` records (else ``checkpoints/best.ckpt``); failed runs are skipped.
 
 Checkpoints load with ``torch.load(weights_only=True)`` (a file that would run code is refused);
 the hyper-parameters hold plain python only, so the model class is rebuilt from them with
@@ -7,12 +11,21 @@ the hyper-parameters hold plain python only, so the model class is rebuilt from 
 
 from __future__ import annotations
 
+import glob
 import inspect
+import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
+from lightning_modules.run_outputs import list_runs, read_failure, read_metrics
+
+log = logging.getLogger(__name__)
+
+BEST_CHECKPOINT = Path("checkpoints") / "best.ckpt"
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -63,3 +76,63 @@ def model_from_checkpoint(path: str | Path):
         ) from err
     model.data_contract = contract_of(checkpoint, path)
     return model.eval()
+
+
+def find_checkpoints(spec: str | Path | Sequence) -> list[Path]:
+    """The checkpoint files ``spec`` names (``ckpt_path`` of eval and predict).
+
+    ``spec`` is one or a list of: a checkpoint file; a run directory (its best checkpoint, as
+    recorded in ``metrics.json``); a sweep directory (the best checkpoint of each finished job);
+    a glob of any of these.
+    """
+    if spec is None or spec == "" or (not isinstance(spec, (str, Path)) and not list(spec)):
+        raise UserError(
+            "No checkpoint given: set ckpt_path to a .ckpt file, a run or sweep directory, or a "
+            "list of them, e.g. ckpt_path=outputs/train/multiruns/<date>_<id>."
+        )
+    items = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    found: list[Path] = []
+    for item in items:
+        matches = sorted(glob.glob(os.path.expanduser(str(item))))
+        if not matches:
+            raise UserError(
+                f"ckpt_path '{item}' does not exist: give a checkpoint file, a run or sweep "
+                "directory, or a glob that matches some."
+            )
+        for match in map(Path, matches):
+            for path in _checkpoints_at(match):
+                if path not in found:
+                    found.append(path)
+    return found
+
+
+def _checkpoints_at(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    is_run = (path / "metrics.json").is_file() or (path / BEST_CHECKPOINT).is_file()
+    runs = [path] if is_run else list_runs(path)
+    if not runs:
+        raise UserError(
+            f"'{path}' holds no run directories: give a .ckpt file, a run directory or a sweep "
+            "directory of this framework."
+        )
+    found = []
+    for run in runs:
+        failure = read_failure(run)
+        best = _best_checkpoint(run)
+        if failure is not None or best is None:
+            why = f"failed ({failure['error']})" if failure else "has no best checkpoint"
+            if len(runs) == 1:
+                raise UserError(f"Run '{run}' {why}: choose another run or a checkpoint file.")
+            log.warning("Skipped %s: it %s.", run, why)
+            continue
+        found.append(best)
+    return found
+
+
+def _best_checkpoint(run: Path) -> Path | None:
+    if (run / "metrics.json").is_file():
+        recorded = read_metrics(run).get("best_ckpt")
+        if recorded and (run / recorded).is_file():
+            return run / recorded
+    return run / BEST_CHECKPOINT if (run / BEST_CHECKPOINT).is_file() else None

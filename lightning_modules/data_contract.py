@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 
 log = logging.getLogger(__name__)
 

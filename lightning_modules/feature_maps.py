@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 
 
 def _name(net: nn.Module) -> str:

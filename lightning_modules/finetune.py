@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 
 STRATEGIES = ("scratch", "linear_probe", "progressive", "full", "auto")
 
@@ -39,17 +39,11 @@ class Finetuning:
 
     strategy: str
     reason: str
-    callback_kwargs: dict | None  # for callbacks.ProgressiveUnfreeze; None = all trainable
+    # the unfreeze callback's config (``finetune.callback`` with the policy's overrides), which
+    # the task instantiates like any other callback; None = everything trainable from the start
+    callback: dict | None
     use_weights: bool
     cache_features: bool = False
-
-    def make_callback(self):
-        if self.callback_kwargs is None:
-            return None
-        from hydra.utils import get_class
-
-        kwargs = dict(self.callback_kwargs)
-        return get_class(kwargs.pop("_target_"))(**kwargs)
 
 
 def choose_strategy(

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 from lightning_modules.feature_maps import as_spatial
 
 METHODS = ("gradcam", "hirescam")
@@ -109,6 +110,28 @@ def grad_cam(
             f"visualize.layer={layer} is not a module of this network: use auto, last or a "
             f"stage name ({', '.join(str(s) for s in stages)})."
         )
+    handle, captured = _capture(net, modules, layer)
+    was_training = net.training
+    net.eval()
+    try:
+        found = _gradients(net, images, classes, select, layer, captured)
+    finally:
+        net.train(was_training)
+        if handle is not None:
+            handle.remove()
+    heat, grid = _heatmaps(net, found, images.shape[-2:], layer=layer, method=method)
+    return CamResult(
+        heatmaps=heat.detach().cpu(),
+        classes=found.classes.detach().cpu(),
+        logits=found.logits.detach().float().cpu(),
+        grid=grid,
+        layer=found.where,
+    )
+
+
+def _capture(net: nn.Module, modules: dict[str, nn.Module], layer: str | None):
+    """Hook the module whose feature map is explained: ``(the hook's handle or None, the dict
+    whose ``"target"`` the hook sets in the forward pass)`` (None: the last feature map)."""
     captured: dict[str, torch.Tensor] = {}
 
     def keep_input(_module, args):
@@ -124,38 +147,51 @@ def grad_cam(
         handle = last_block.register_forward_pre_hook(keep_input)
     else:
         handle = None
-    was_training = net.training
-    net.eval()
-    try:
-        # gradients even when called from Lightning's evaluation loops (inference mode)
-        with torch.inference_mode(False), torch.enable_grad():
-            x = images.detach().clone().requires_grad_(True)  # a graph even if all is frozen
-            features = net.forward_features(x)
-            logits = select(net.forward_head(features))
-            if classes is None:
-                classes = logits.argmax(dim=1)
-            classes = torch.as_tensor(classes, device=logits.device).long().reshape(-1).clone()
-            score = logits.gather(1, classes[:, None]).sum()
-            if layer is not None:
-                target, where = captured["target"], f"output of {layer}"
-            elif features.ndim == 3:  # tokens: the input of the last block
-                if "target" not in captured:
-                    as_spatial(net, features, images.shape[-2:])  # raises the clear error
-                target, where = captured["target"], "input of the last transformer block"
-            else:
-                target, where = features, "last feature map"
-            (grads,) = torch.autograd.grad(score, target)
-    finally:
-        net.train(was_training)
-        if handle is not None:
-            handle.remove()
-    hw = images.shape[-2:]
+    return handle, captured
+
+
+class _Gradients(NamedTuple):
+    """The explained feature map ``target`` (taken at ``where``) and its gradient ``grads``."""
+
+    logits: torch.Tensor
+    classes: torch.Tensor
+    target: torch.Tensor
+    grads: torch.Tensor
+    where: str
+
+
+def _gradients(net, images, classes, select, layer: str | None, captured: dict) -> _Gradients:
+    """Forward ``images`` (``net`` in eval mode, hooked by :func:`_capture`) and differentiate
+    the score of ``classes`` (None: the predicted ones) with respect to the feature map."""
+    # gradients even when called from Lightning's evaluation loops (inference mode)
+    with torch.inference_mode(False), torch.enable_grad():
+        x = images.detach().clone().requires_grad_(True)  # a graph even if all is frozen
+        features = net.forward_features(x)
+        logits = select(net.forward_head(features))
+        if classes is None:
+            classes = logits.argmax(dim=1)
+        classes = torch.as_tensor(classes, device=logits.device).long().reshape(-1).clone()
+        score = logits.gather(1, classes[:, None]).sum()
+        if layer is not None:
+            target, where = captured["target"], f"output of {layer}"
+        elif features.ndim == 3:  # tokens: the input of the last block
+            if "target" not in captured:
+                as_spatial(net, features, images.shape[-2:])  # raises the clear error
+            target, where = captured["target"], "input of the last transformer block"
+        else:
+            target, where = features, "last feature map"
+        (grads,) = torch.autograd.grad(score, target)
+    return _Gradients(logits, classes, target, grads, where)
+
+
+def _heatmaps(net, found: _Gradients, hw, *, layer: str | None, method: str):
+    """``(heatmaps (N, H, W) in [0, 1] at the input's size hw, the feature map's (h, w))``."""
     channels = getattr(net, "num_features", None)
     if layer is not None:
         info = {d.get("module"): d.get("num_chs") for d in getattr(net, "feature_info", []) or []}
         channels = info.get(layer)
-    acts = as_spatial(net, target.detach(), hw, channels=channels).float()
-    grads = as_spatial(net, grads, hw, channels=channels).float()
+    acts = as_spatial(net, found.target.detach(), hw, channels=channels).float()
+    grads = as_spatial(net, found.grads, hw, channels=channels).float()
     if method == "gradcam":
         weights = grads.mean(dim=(2, 3), keepdim=True)
         cam = F.relu((weights * acts).sum(dim=1))
@@ -165,10 +201,4 @@ def grad_cam(
     heat = heat.clamp_min(0)
     peak = heat.flatten(1).amax(dim=1).clamp_min(torch.finfo(heat.dtype).tiny)
     heat = heat / peak[:, None, None]
-    return CamResult(
-        heatmaps=heat.detach().cpu(),
-        classes=classes.detach().cpu(),
-        logits=logits.detach().float().cpu(),
-        grid=(int(acts.shape[-2]), int(acts.shape[-1])),
-        layer=where,
-    )
+    return heat, (int(acts.shape[-2]), int(acts.shape[-1]))

@@ -11,9 +11,8 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from lightning_modules.backbone import create_backbone
+from lightning_modules.metrics import ECE_BINS
 from lightning_modules.optimization import configure_layer_optimizers, layer_param_groups
-
-ECE_BINS = 15  # equal-width bins, as in Guo et al. 2017
 
 
 class ImageClassifier(pl.LightningModule):
@@ -88,7 +87,7 @@ class ImageClassifier(pl.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 2:  # cached pre-logit features (lightning_modules.feature_cache)
+        if x.ndim == 2:  # cached pre-logit features (datamodules.feature_cache)
             x = F.dropout(x, p=self.hparams.drop_rate, training=self.training)
             return self.net.get_classifier()(x)
         return self.net(x)

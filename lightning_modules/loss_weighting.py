@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 from lightning_modules.task_heads import TaskSpec
 
 WEIGHTINGS = ("fixed", "uncertainty")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-ECE_BINS = 15
+ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017
 # float32 has nothing smaller (normal): saved probabilities of 0 would give an infinite NLL
 PROB_FLOOR = float(np.finfo(np.float32).tiny)
 

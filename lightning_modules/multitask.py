@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics import MaxMetric, MeanMetric
 
+from datamodules.errors import UserError
 from lightning_modules.backbone import create_backbone
-from lightning_modules.errors import UserError
 from lightning_modules.loss_weighting import build_loss_weighting
 from lightning_modules.optimization import configure_layer_optimizers, layer_param_groups
 from lightning_modules.task_heads import TaskHeads, TaskSpec, parse_tasks, task_loss
@@ -132,7 +132,7 @@ class MultiTaskModel(pl.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.ndim == 2:  # cached pre-logit features (lightning_modules.feature_cache)
+        if x.ndim == 2:  # cached pre-logit features (datamodules.feature_cache)
             x = F.dropout(x, p=self.hparams.drop_rate, training=self.training)
             return self.net.get_classifier()(x)
         out = self.net(x)

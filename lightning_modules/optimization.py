@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 
 
 def layer_param_groups(net: torch.nn.Module, plan=None) -> list[dict]:

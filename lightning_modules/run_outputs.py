@@ -175,3 +175,17 @@ def list_runs(path: str | Path) -> list[Path]:
     return sorted(
         runs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)
     )
+
+
+def save_test_results(out_dir: Path, metrics: dict, *, datamodule, model, tta=None) -> None:
+    """Write ``predictions/test.npz`` (and ``test_tta.npz`` from the TTA callback ``tta``); add
+    ``test/brier`` (and ``tta``, its mode) to ``metrics``."""
+    from lightning_modules.metrics import brier
+
+    ids, names = datamodule.ids("test"), datamodule.class_names
+    outputs = model.test_outputs
+    save_test_outputs(out_dir, "test", outputs, ids=ids, class_names=names)
+    metrics["test/brier"] = brier(outputs["probs"].numpy(), outputs["targets"].numpy())
+    if tta is not None and tta.outputs is not None:
+        save_test_outputs(out_dir, "test_tta", tta.outputs, ids=ids, class_names=names)
+        metrics["tta"] = tta.tta.mode

@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
+from datamodules.sources.base import TASK_TYPES
 
-TASK_TYPES = ("classification", "binary", "regression")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 

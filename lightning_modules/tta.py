@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 
 MODES = ("none", "flip", "five_crop", "ten_crop", "multiscale")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 from lightning_modules.layer_groups import layer_groups
 
 log = logging.getLogger(__name__)

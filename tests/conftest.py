@@ -37,7 +37,7 @@ def compose_cfg(tmp_path: Path, overrides: list[str] = (), *, fast: bool = True)
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    import run  # noqa: F401  (registers the resolvers and PROJECT_ROOT)
+    import tasks  # noqa: F401  (registers the resolvers and PROJECT_ROOT)
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from datamodules import ImageDataModule
+from datamodules.errors import UserError
 from datamodules.sources import DigitsSource
 from datamodules.transforms import (
     AUGMENT_DEFAULTS,
@@ -16,7 +17,6 @@ from datamodules.transforms import (
     build_eval_transform,
     build_train_transform,
 )
-from lightning_modules.errors import UserError
 from tests.conftest import CONF, compose_cfg
 
 PRESETS = sorted(p.stem for p in (CONF / "augment").glob("*.yaml"))
@@ -244,6 +244,7 @@ class MidGreySource:
         return SourceData(class_names=["a", "b", "c"], train=pool)
 
 
+@pytest.mark.slow
 def test_device_jitter_runs_in_training_only_inside_a_real_fit():
     import pytorch_lightning as pl
 
@@ -313,7 +314,7 @@ def test_data_config_from_backbone_name_matches_timm_model_config():
 
 
 def test_data_config_precedence(cfg_factory):
-    from run import instantiate
+    from tasks.instantiate import instantiate
 
     cfg = cfg_factory("model.backbone=test_vit")  # mean/std 0.5, 160 px, bicubic, crop 0.95
     dm = instantiate(cfg.data, _convert_="all")

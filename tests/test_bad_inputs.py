@@ -1,6 +1,6 @@
 """Bad inputs: each ends in one clear UserError naming cause and fix, or is handled gracefully.
 
-The table below is also the README's troubleshooting table. `error` rows must raise UserError
+The table below is also the table of docs/troubleshooting.md. `error` rows must raise UserError
 whose message contains the fragment; `ok` rows must train and pass their check.
 """
 
@@ -16,7 +16,7 @@ import timm
 import torch
 from PIL import Image
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 
 FOLDER_FAST = [
     "data=folder",
@@ -208,9 +208,10 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(case, cfg_factory, tmp_path, caplog):
-    from run import train
+    from tasks.train import train
 
     _, setup, outcome, expect = case
     made = setup(tmp_path)

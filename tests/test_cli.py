@@ -54,6 +54,7 @@ def test_seed_zero_is_kept(tmp_path):
     assert cfg.seed == 0
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_get_different_directories(tmp_path):
     # An unknown task fails right after Hydra has created the run directory: cheap and real.
     def start(_):
@@ -67,6 +68,7 @@ def test_two_runs_started_together_get_different_directories(tmp_path):
     assert all((d / ".hydra" / "config.yaml").is_file() for d in dirs)
 
 
+@pytest.mark.slow
 def test_multirun_two_seeds_share_the_test_set(tmp_path):
     proc = run_cli(
         "-m",
@@ -90,6 +92,7 @@ def test_multirun_two_seeds_share_the_test_set(tmp_path):
         assert (run / ".hydra" / "config.yaml").is_file() and (run / "run.log").is_file()
 
 
+@pytest.mark.slow
 def test_user_error_is_one_line_and_exit_code_2(tmp_path):
     proc = run_cli(*FAST, "model.backbone=resnet1", f"paths.log_dir={tmp_path}")
     assert proc.returncode == 2

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 from lightning_modules.run_outputs import load_predictions, read_metrics
 from tests.conftest import compose_cfg
 
@@ -26,7 +26,7 @@ TINY += ["trainer.num_sanity_val_steps=0", "tta=none", "augment=none"]
 
 
 def _train(tmp_path, *overrides):
-    from run import train
+    from tasks.train import train
 
     return train(compose_cfg(tmp_path, [*TINY, *overrides]))
 
@@ -41,13 +41,15 @@ def pretrain(tmp_path_factory):
 
 def _finetune_model(tmp_path, weights, *overrides):
     """Data module and model as a fine-tuning run from ``weights`` builds them (no training)."""
-    from run import _build_model, instantiate, seed_run
+    from tasks.instantiate import instantiate
+    from tasks.seed import seed_run
+    from tasks.train import build_model
 
     cfg = compose_cfg(tmp_path, [f"model.weights={weights}", *TINY, *overrides])
     seed_run(cfg.seed)
     dm = instantiate(cfg.data, seed=cfg.seed, _convert_="all")
     dm.setup("fit")
-    model, _ = _build_model(cfg, dm)
+    model, _ = build_model(cfg, dm)
     return dm, model
 
 
@@ -56,6 +58,7 @@ def _head(state: dict, prefix: str = "net.") -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- 1. the head
+@pytest.mark.slow
 def test_a_head_trained_on_other_classes_is_reinitialised_and_the_log_names_both(
     pretrain, tmp_path, caplog
 ):
@@ -72,6 +75,7 @@ def test_a_head_trained_on_other_classes_is_reinitialised_and_the_log_names_both
     assert any("['0', '1', '2', '3', '4']" in m and "['5', '6', '7', '8', '9']" in m for m in line)
 
 
+@pytest.mark.slow
 def test_a_head_trained_on_the_same_classes_in_order_is_kept(pretrain, tmp_path):
     ckpt = pretrain / "checkpoints" / "best.ckpt"
     saved = torch.load(ckpt, weights_only=True)["state_dict"]
@@ -247,8 +251,9 @@ def folder_run(tmp_path_factory):
     return run_dir, root
 
 
+@pytest.mark.slow
 def test_eval_of_a_run_needs_none_of_its_data_options(folder_run, tmp_path):
-    from lightning_modules.evaluate import evaluate
+    from tasks.evaluate import evaluate
 
     run_dir, _ = folder_run
     metrics, _ = evaluate(compose_cfg(tmp_path, ["task=eval", f"ckpt_path={run_dir}", "tta=flip"]))
@@ -258,8 +263,9 @@ def test_eval_of_a_run_needs_none_of_its_data_options(folder_run, tmp_path):
     assert load_predictions(tmp_path)["ids"].tolist() == load_predictions(run_dir)["ids"].tolist()
 
 
+@pytest.mark.slow
 def test_eval_on_moved_data_follows_data_root_into_the_source(folder_run, tmp_path):
-    from lightning_modules.evaluate import evaluate
+    from tasks.evaluate import evaluate
 
     run_dir, root = folder_run
     moved = shutil.copytree(root, tmp_path / "moved")
@@ -271,8 +277,9 @@ def test_eval_on_moved_data_follows_data_root_into_the_source(folder_run, tmp_pa
     assert metrics["test/acc"] == pytest.approx(read_metrics(run_dir)["test/acc"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_tta_scores_the_same_images_as_a_limited_test(folder_run, tmp_path):
-    from lightning_modules.evaluate import evaluate
+    from tasks.evaluate import evaluate
 
     run_dir, _ = folder_run
     cfg = compose_cfg(
@@ -290,10 +297,11 @@ def test_tta_scores_the_same_images_as_a_limited_test(folder_run, tmp_path):
     assert len(single["ids"]) == 16 and tta["ids"].tolist() == single["ids"].tolist()
 
 
+@pytest.mark.slow
 def test_eval_refuses_an_ensemble_tested_on_other_splits_or_of_old_and_new_members(
     folder_run, tmp_path
 ):
-    from lightning_modules.evaluate import evaluate
+    from tasks.evaluate import evaluate
 
     run_dir, _ = folder_run
     other = shutil.copytree(run_dir, tmp_path / "other")
@@ -308,12 +316,13 @@ def test_eval_refuses_an_ensemble_tested_on_other_splits_or_of_old_and_new_membe
         evaluate(compose_cfg(tmp_path / "f", ["task=eval", f"ckpt_path=[{run_dir},{other}]"]))
 
 
+@pytest.mark.slow
 def test_predict_uses_the_checkpoints_input_settings_not_the_current_data_config(
     folder_run, tmp_path
 ):
     import csv
 
-    from lightning_modules.predict import predict
+    from tasks.predict import predict
 
     run_dir, root = folder_run
     saved = load_predictions(run_dir, "test")
@@ -345,8 +354,9 @@ def test_predict_uses_the_checkpoints_input_settings_not_the_current_data_config
             assert np.allclose(got, probs, atol=1e-4), (tta, rel)
 
 
+@pytest.mark.slow
 def test_visualize_a_folder_scores_like_the_runs_test(folder_run, tmp_path):
-    from lightning_modules.visualize import visualize
+    from tasks.visualize import visualize
 
     run_dir, root = folder_run
     images = tmp_path / "labelled"
@@ -367,8 +377,9 @@ def test_visualize_a_folder_scores_like_the_runs_test(folder_run, tmp_path):
     assert metrics["acc"] == pytest.approx(read_metrics(run_dir)["test/acc"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_an_explicit_different_data_value_gets_one_warning(folder_run, tmp_path, caplog):
-    from lightning_modules.evaluate import evaluate
+    from tasks.evaluate import evaluate
 
     run_dir, _ = folder_run
     caplog.set_level(logging.WARNING)
@@ -381,8 +392,9 @@ def test_an_explicit_different_data_value_gets_one_warning(folder_run, tmp_path,
     assert len(warned) == 1 and "24" in warned[0] and "28" in warned[0]
 
 
+@pytest.mark.slow
 def test_ensemble_members_with_different_input_settings_are_refused(folder_run, tmp_path):
-    from lightning_modules.evaluate import evaluate
+    from tasks.evaluate import evaluate
 
     run_dir, _ = folder_run
     other = tmp_path / "other"
@@ -394,10 +406,11 @@ def test_ensemble_members_with_different_input_settings_are_refused(folder_run, 
         evaluate(compose_cfg(tmp_path / "e", ["task=eval", f"ckpt_path=[{run_dir},{other}]"]))
 
 
+@pytest.mark.slow
 def test_the_ensemble_report_refuses_members_with_different_contracts(seed_sweep, tmp_path):
     import json
 
-    from lightning_modules.ensemble_report import report_runs
+    from tasks.ensemble import report_runs
 
     sweep_dir, _ = seed_sweep
     copies = [shutil.copytree(sweep_dir / job, tmp_path / job) for job in ("0", "1")]
@@ -408,8 +421,9 @@ def test_the_ensemble_report_refuses_members_with_different_contracts(seed_sweep
         report_runs(copies, tmp_path / "report", strict=True)
 
 
+@pytest.mark.slow
 def test_resuming_with_another_backbone_names_both(pretrain, tmp_path):
-    from run import train
+    from tasks.train import train
 
     cfg = compose_cfg(
         tmp_path,
@@ -425,8 +439,9 @@ def test_resuming_with_another_backbone_names_both(pretrain, tmp_path):
         train(cfg)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_a_contract_still_loads_with_one_warning(seed_sweep, tmp_path, caplog):
-    from lightning_modules.evaluate import evaluate
+    from tasks.evaluate import evaluate
 
     sweep_dir, _ = seed_sweep
     ckpt = torch.load(sweep_dir / "0" / "checkpoints" / "best.ckpt", weights_only=True)
@@ -440,6 +455,7 @@ def test_a_checkpoint_without_a_contract_still_loads_with_one_warning(seed_sweep
     assert sum("no data contract" in r.getMessage() for r in caplog.records) == 1
 
 
+@pytest.mark.slow
 def test_every_run_records_its_contract_and_splits(pretrain):
     from lightning_modules.data_contract import read_run_contract, read_splits
 
@@ -463,6 +479,7 @@ def test_every_run_records_its_contract_and_splits(pretrain):
 
 
 # ---------------------------------------------------------------------------- leak guard
+@pytest.mark.slow
 def test_fine_tuning_on_images_the_weights_were_trained_on_is_refused(pretrain, tmp_path):
     ckpt = pretrain / "checkpoints" / "best.ckpt"
     with pytest.raises(UserError, match=r"\d+ of the \d+ validation/test images .*split_seed"):
@@ -475,6 +492,7 @@ def test_fine_tuning_on_images_the_weights_were_trained_on_is_refused(pretrain, 
     assert not trained_on & set(dm.ids("val") + dm.ids("test"))
 
 
+@pytest.mark.slow
 def test_the_leak_guard_can_be_switched_off_knowingly(pretrain, tmp_path, caplog):
     caplog.set_level(logging.WARNING)
     _finetune_model(
@@ -510,16 +528,18 @@ def test_crop_views_are_torchvisions_crops_of_the_whole_resized_image(mode):
     assert resized.shape[-2:] == (40, 50)
 
 
+@pytest.mark.slow
 def test_test_time_augmentation_scores_the_views_of_the_whole_image(tmp_path):
     """End to end: the TTA probabilities of a run are the softmax average over those crops."""
-    from run import instantiate, train
+    from tasks.instantiate import instantiate
+    from tasks.train import train
 
     cfg = compose_cfg(
         tmp_path, [*TINY[:-2], "tta=five_crop", "data.eval_crop_pct=0.8", "augment=none"]
     )
     _, objects = train(cfg)
     dm, model = objects["datamodule"], objects["model"].eval()
-    tta = instantiate(cfg.tta, mirror_invariant=False, interpolation=dm.interpolation)
+    tta = instantiate(cfg.tta, mirror_invariant=False, interpolation=dm.interpolation).tta
     views = tta.image_views(
         image_size=dm.image_size, mean=dm.mean, std=dm.std, interpolation=dm.interpolation
     )
@@ -532,6 +552,7 @@ def test_test_time_augmentation_scores_the_views_of_the_whole_image(tmp_path):
 
 
 # ---------------------------------------------------------------------------- 5. the schedule
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "limits",
     [
@@ -540,7 +561,7 @@ def test_test_time_augmentation_scores_the_views_of_the_whole_image(tmp_path):
     ],
 )
 def test_unfreeze_steps_follow_the_training_loaders_length(limits, tmp_path):
-    from run import train
+    from tasks.train import train
 
     cfg = compose_cfg(
         tmp_path,

@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 
 from lightning_modules.layer_groups import layer_groups
@@ -61,6 +62,7 @@ def _changed(digest: dict, names: list[str]) -> bool:
     return any(digest["start"][n] != digest["end"][n] for n in names)
 
 
+@pytest.mark.slow
 def test_ddp_multirun_ranks_stay_identical_across_an_unfreeze_and_only_rank0_writes(tmp_path):
     """`python run.py -m seed=1,2 trainer=ddp ...`: two jobs, each with 2 CPU processes; the
     extra rank of each job joins that job (not a sweep of its own) and exits with it."""

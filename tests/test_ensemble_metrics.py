@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lightning_modules import metrics as M
-from lightning_modules.ensemble_report import score_split
+from tasks.ensemble import score_split
 
 # Two members, four samples, three classes. Confidences are chosen away from the 15-bin edges
 # (multiples of 1/15) so every bin below can be checked by hand.

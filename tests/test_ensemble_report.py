@@ -7,12 +7,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from lightning_modules.ensemble_report import (
-    ensemble_task,
-    flat_setting,
-    report_runs,
-)
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 from lightning_modules.run_outputs import (
     list_runs,
     load_predictions,
@@ -22,11 +17,17 @@ from lightning_modules.run_outputs import (
     write_failure,
     write_metrics,
 )
+from tasks.ensemble import (
+    ensemble_task,
+    flat_setting,
+    report_runs,
+)
 from tests.conftest import compose_cfg, imported_modules
 
 
 # ---------------------------------------------------------------------------- a real multirun
 # ``seed_sweep`` (tests/conftest.py): ``python run.py -m seed=1,2,-1``; the last job fails.
+@pytest.mark.slow
 def test_multirun_ends_with_the_report_of_the_members_that_finished(seed_sweep):
     sweep_dir, proc = seed_sweep
     out = proc.stdout + proc.stderr
@@ -65,6 +66,7 @@ def test_multirun_ends_with_the_report_of_the_members_that_finished(seed_sweep):
     assert "Ensemble of 2 members (seeds 1, 2)" in proc.stdout  # the printed table
 
 
+@pytest.mark.slow
 def test_ensemble_task_reports_an_existing_sweep_the_same_way(seed_sweep, tmp_path):
     sweep_dir, _ = seed_sweep
     cfg = compose_cfg(tmp_path, ["task=ensemble", f"ensemble.runs={sweep_dir}"])
@@ -210,13 +212,13 @@ def test_ensemble_runs_that_match_nothing_is_a_user_error(tmp_path):
 
 # ---------------------------------------------------------------------------- failed jobs
 def test_a_failed_job_is_recorded_with_its_traceback(tmp_path):
-    import run
+    from tasks.outcome import record_failure
 
     cfg = compose_cfg(tmp_path)
     try:
         raise RuntimeError("boom")
     except RuntimeError as err:
-        run._record_failure(cfg, err)
+        record_failure(cfg, err)
     info = read_failure(tmp_path)
     assert info["error"] == "RuntimeError" and info["message"] == "boom"
     assert 'raise RuntimeError("boom")' in info["traceback"]
@@ -227,7 +229,7 @@ def test_a_failed_job_is_recorded_with_its_traceback(tmp_path):
     [([], None), ([UserError("bad")], 2), ([UserError("bad"), RuntimeError("x")], 1)],
 )
 def test_failed_jobs_set_the_exit_status(tmp_path, errors, status):
-    from callbacks.failed_jobs import FailedJobs
+    from tasks.hydra_callbacks.failed_jobs import FailedJobs
 
     for job in range(3):
         (tmp_path / str(job) / ".hydra").mkdir(parents=True)
@@ -244,6 +246,8 @@ def test_failed_jobs_set_the_exit_status(tmp_path, errors, status):
 
 
 def test_hydra_callbacks_import_no_heavy_library():
-    imported, _ = imported_modules("-c", "import callbacks.ensemble_report, callbacks.failed_jobs")
+    imported, _ = imported_modules(
+        "-c", "import tasks.hydra_callbacks.ensemble_report, tasks.hydra_callbacks.failed_jobs"
+    )
     assert "hydra" in imported
     assert not imported & {"torch", "pytorch_lightning", "timm", "matplotlib", "numpy"}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 from lightning_modules.run_outputs import load_predictions, read_metrics
 from tests.conftest import compose_cfg
 
@@ -21,7 +21,7 @@ def members(seed_sweep):
     sweep_dir, proc = seed_sweep
     runs = [sweep_dir / "0", sweep_dir / "1"]
     assert all((r / "checkpoints" / "best.ckpt").is_file() for r in runs), proc.stderr[-3000:]
-    from run import instantiate
+    from tasks.instantiate import instantiate
 
     dm = instantiate(compose_cfg(sweep_dir.parent / "dm").data, _convert_="all")
     dm.setup("test")
@@ -29,11 +29,12 @@ def members(seed_sweep):
 
 
 def _eval(tmp_path, *overrides):
-    from lightning_modules.evaluate import evaluate
+    from tasks.evaluate import evaluate
 
     return evaluate(compose_cfg(tmp_path, ["task=eval", *TINY, *overrides]))
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_weights_only_and_reproduces_its_run(members, tmp_path):
     runs, _ = members
     ckpt = torch.load(runs[0] / "checkpoints" / "best.ckpt", weights_only=True)
@@ -49,6 +50,7 @@ def test_checkpoint_loads_weights_only_and_reproduces_its_run(members, tmp_path)
         assert np.allclose(mine["probs"], theirs["probs"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_several_checkpoints_are_tested_as_the_average_of_their_softmaxes(members, tmp_path):
     runs, _ = members
     metrics, _ = _eval(tmp_path, f"ckpt_path=[{runs[0]},{runs[1]}]", "tta=none")
@@ -64,6 +66,7 @@ def test_several_checkpoints_are_tested_as_the_average_of_their_softmaxes(member
     assert not (tmp_path / "predictions" / "test_tta.npz").exists()  # tta=none
 
 
+@pytest.mark.slow
 def test_eval_refuses_other_classes_and_missing_checkpoints(members, tmp_path):
     runs, _ = members
     with pytest.raises(UserError, match="predict classes .* but data has"):
@@ -97,8 +100,9 @@ def _read_csv(path):
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_predict_a_folder_matches_the_test_predictions(members, tmp_path, caplog):
-    from lightning_modules.predict import predict
+    from tasks.predict import predict
 
     runs, _ = members
     images = _write_test_images(members, tmp_path / "images", 12)
@@ -123,8 +127,9 @@ def test_predict_a_folder_matches_the_test_predictions(members, tmp_path, caplog
         assert float(row["confidence"]) == pytest.approx(probs.max(), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_predict_with_an_ensemble_and_tta_matches_eval(members, tmp_path):
-    from lightning_modules.predict import predict
+    from tasks.predict import predict
 
     runs, _ = members
     images = _write_test_images(members, tmp_path / "images", 8)
@@ -146,8 +151,9 @@ def test_predict_with_an_ensemble_and_tta_matches_eval(members, tmp_path):
         assert np.allclose(probs, by_id[images[row["path"]]], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_predict_without_images_is_a_user_error(members, tmp_path):
-    from lightning_modules.predict import predict
+    from tasks.predict import predict
 
     runs, _ = members
     (tmp_path / "empty").mkdir()

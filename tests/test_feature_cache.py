@@ -6,12 +6,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_modules import feature_cache
+from datamodules import feature_cache
 
 
 @pytest.fixture(scope="module")
 def pretrained_ckpt(tmp_path_factory):
-    from run import train
+    from tasks.train import train
     from tests.conftest import compose_cfg
 
     out = tmp_path_factory.mktemp("pretrain")
@@ -29,10 +29,11 @@ def pretrained_ckpt(tmp_path_factory):
     return out / "checkpoints" / "best.ckpt"
 
 
+@pytest.mark.slow
 def test_cached_linear_probe_matches_the_uncached_path(
     cfg_factory, tmp_path, pretrained_ckpt, monkeypatch
 ):
-    from run import train
+    from tasks.train import train
     from tests.conftest import compose_cfg
 
     common = [
@@ -83,11 +84,12 @@ class BatchProbe(pl.Callback):
         self.seen.append((trainer.current_epoch, batch[0].ndim))
 
 
+@pytest.mark.slow
 def test_progressive_head_stage_trains_on_cached_features_then_on_images(
     tmp_path, pretrained_ckpt, monkeypatch
 ):
     from datamodules.pca_jitter import BatchPCAJitter
-    from run import train
+    from tasks.train import train
     from tests.conftest import compose_cfg
 
     common = [

@@ -10,7 +10,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from callbacks.progressive_unfreeze import ProgressiveUnfreeze
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 from lightning_modules.layer_groups import layer_groups
 
 SNAPSHOTS: dict[str, list] = {}
@@ -49,7 +49,7 @@ class Recorder(pl.Callback):
 
 
 def _train(cfg_factory, key, *overrides, stop_after=None):
-    from run import train
+    from tasks.train import train
 
     probe = [f"+callbacks.probe._target_={__name__}.Recorder", f"+callbacks.probe.key={key}"]
     if stop_after is not None:
@@ -62,6 +62,7 @@ def _groups_changed(before, after, groups):
     return [any(not torch.equal(before[n], after[n]) for n in g.param_names) for g in groups]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "optimizer",
     [
@@ -112,6 +113,7 @@ def test_unfreeze_schedule_changes_exactly_the_scheduled_groups(cfg_factory, opt
     assert flags[0][3].count(True) < flags[-1][3].count(True)  # more BN layers train later
 
 
+@pytest.mark.slow
 def test_per_group_lr_is_base_times_multiplier_times_schedule(cfg_factory):
     key = "lr"
     milestones, epochs, batches, warm = [1, 2], 3, 4, 0.5
@@ -159,6 +161,7 @@ def test_per_group_lr_is_base_times_multiplier_times_schedule(cfg_factory):
             )
 
 
+@pytest.mark.slow
 def test_resume_across_an_unfreeze_boundary_is_exact(cfg_factory, tmp_path):
     common = [
         "finetune=progressive",
@@ -168,7 +171,7 @@ def test_resume_across_an_unfreeze_boundary_is_exact(cfg_factory, tmp_path):
         "trainer.deterministic=true",
         "~callbacks.early_stopping",
     ]
-    from run import train
+    from tasks.train import train
     from tests.conftest import compose_cfg
 
     full_metrics, full = train(compose_cfg(tmp_path / "full", common + _probe("full")))

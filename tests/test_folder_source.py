@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from datamodules import ImageDataModule
+from datamodules.errors import UserError
 from datamodules.sources import ImageFolderSource
-from lightning_modules.errors import UserError
 
 
 def make_folder(root: Path, counts: dict[str, int], size=(20, 16), mode="RGB") -> Path:

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 from lightning_modules.feature_maps import first_conv, stage_activations
 from lightning_modules.gradcam import choose_layer, grad_cam
 

@@ -33,6 +33,7 @@ def _final(run_dir):
     return metrics, state
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     full = tmp_path / "full"
     proc = run_cli(*COMMON, f"hydra.run.dir={full}")
@@ -69,6 +70,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert (killed / "csv" / "metrics.csv").is_file()
 
 
+@pytest.mark.slow
 def test_resume_of_a_directory_without_checkpoint_is_a_clear_error(tmp_path):
     proc = run_cli(f"resume={tmp_path}")
     assert (
@@ -76,6 +78,7 @@ def test_resume_of_a_directory_without_checkpoint_is_a_clear_error(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_relaunched_multirun_runs_only_missing_members(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "seed=0,1", *FAST, "trainer.limit_train_batches=2", f"hydra.sweep.dir={sweep}"]

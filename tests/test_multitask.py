@@ -9,7 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 from lightning_modules.layer_groups import layer_groups
 from lightning_modules.loss_weighting import build_loss_weighting
 from lightning_modules.run_outputs import load_predictions, read_metrics
@@ -201,9 +201,10 @@ def _csv_overrides(csv_path):
     ]
 
 
+@pytest.mark.slow
 def test_each_task_is_learned_from_its_own_image_property(cfg_factory, tmp_path, synthetic_csv):
     """brightness (regression), colour (classification), marker (binary), 20 % labels missing."""
-    from run import train
+    from tasks.train import train
 
     cfg = cfg_factory(*_csv_overrides(synthetic_csv), "trainer.max_epochs=5")
     metrics, objects = train(cfg)
@@ -244,10 +245,11 @@ class Probe(pl.Callback):
         SNAPSHOTS[self.key] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("finetune", ["progressive", "linear_probe"])
 def test_fine_tuning_strategies_train_only_the_heads_first(cfg_factory, synthetic_csv, finetune):
     """Progressive unfreezing (epoch 0: heads only) and the cached-feature linear probe."""
-    from run import train
+    from tasks.train import train
 
     cfg = cfg_factory(
         *_csv_overrides(synthetic_csv),
@@ -270,8 +272,9 @@ def test_fine_tuning_strategies_train_only_the_heads_first(cfg_factory, syntheti
     assert changed <= heads | {"loss_weighting.log_vars"}  # the backbone (and its BN) did not
 
 
+@pytest.mark.slow
 def test_model_and_data_must_agree(cfg_factory, synthetic_csv):
-    from run import train
+    from tasks.train import train
 
     with pytest.raises(UserError, match="needs a label column per task"):
         train(cfg_factory("model=multitask"))

@@ -135,6 +135,7 @@ def test_batched_jitter_is_seeded():
     assert not torch.allclose(batched(x, seed=3), batched(x, seed=4))
 
 
+@pytest.mark.slow
 def test_fit_is_cached_per_key(tmp_path):
     calls = []
 

@@ -1,11 +1,13 @@
 """task=preview_augment: the PNG grid and what each of its columns shows."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
+@pytest.mark.slow
 def test_preview_grid_shows_originals_views_and_pca_only(cfg_factory, tmp_path, capsys):
-    import run
+    import tasks
 
     cfg = cfg_factory(
         "task=preview_augment",
@@ -15,7 +17,7 @@ def test_preview_grid_shows_originals_views_and_pca_only(cfg_factory, tmp_path, 
         "preview.pca_sigma=1.0",
         "seed=4",
     )
-    metrics, objects = run.run_task(cfg)
+    metrics, objects = tasks.run_task(cfg)
     path = tmp_path / "augment_preview.png"
     assert metrics["preview"] == str(path)
     assert str(path) in capsys.readouterr().out  # the path is printed
@@ -49,5 +51,5 @@ def test_preview_grid_shows_originals_views_and_pca_only(cfg_factory, tmp_path, 
     # exaggerated: sigma=1 on the digits' brightness axis gives shifts of ~0.18 rms, not ~0.02
     assert np.sqrt(np.mean(np.square(shifts))) > 0.08
     # the same seed draws the same pictures
-    _, again = run.run_task(cfg)
+    _, again = tasks.run_task(cfg)
     assert np.array_equal(again["panels"]["views"], views)

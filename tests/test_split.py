@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from datamodules.errors import UserError
 from datamodules.split import cap_per_class, stratified_split
-from lightning_modules.errors import UserError
 
 
 def _targets():

@@ -41,6 +41,7 @@ def _trials(sweep: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- Optuna
+@pytest.mark.slow
 def test_optuna_search_of_three_trials_survives_a_failed_trial(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli(
@@ -57,7 +58,7 @@ def test_optuna_search_of_three_trials_survives_a_failed_trial(tmp_path):
         timeout=300,
     )
     # the search runs to the end; the failed trial makes the command exit non-zero (1: not a
-    # user error), so scripts notice (callbacks/failed_jobs.py)
+    # user error), so scripts notice (tasks/hydra_callbacks/failed_jobs.py)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "trial 1 breaks on purpose" in proc.stdout + proc.stderr  # reported ...
     rows = _trials(sweep)
@@ -87,7 +88,7 @@ def test_optuna_search_of_three_trials_survives_a_failed_trial(tmp_path):
 
 
 def test_objective_is_none_unless_a_finite_number():
-    from run import objective
+    from tasks.outcome import objective
 
     metrics = {"val/acc_best": 0.75, "nan": math.nan, "inf": math.inf, "text": "x"}
     assert objective(metrics, "val/acc_best") == 0.75
@@ -136,6 +137,7 @@ def test_optuna_sweeper_records_none_as_failed_and_would_end_on_nan(tmp_path):
 
 
 # ---------------------------------------------------------------------------- launchers
+@pytest.mark.slow
 def test_submitit_job_lands_in_the_sweep_and_the_multirun_end_sees_it(tmp_path):
     """hydra/launcher=submitit_local: the code path of SLURM's submitit_slurm, run here. The job
     runs in a process of its own (pickled there), in the sweep directory the launching process
@@ -147,7 +149,7 @@ def test_submitit_job_lands_in_the_sweep_and_the_multirun_end_sees_it(tmp_path):
         "hydra/launcher=submitit_local",
         "seed=3",
         *TINY,
-        "+hydra.callbacks.trials_table._target_=callbacks.trials_table.TrialsTable",
+        "+hydra.callbacks.trials_table._target_=tasks.hydra_callbacks.trials_table.TrialsTable",
         f"paths.log_dir={logs}",
         env=ONE_THREAD,
         timeout=300,

@@ -6,21 +6,18 @@ import json
 import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 from omegaconf import OmegaConf, open_dict, read_write
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 from lightning_modules.run_outputs import read_metrics
-from lightning_modules.tracking import (
+from tasks.tracking import (
     MASK,
     is_rank_zero,
-    log_report_to_wandb,
     loggable_config,
     run_labels,
     short_label,
     wandb_mode,
-    wandb_report_options,
 )
 from tests.conftest import FAST, ONE_THREAD, run_cli
 
@@ -90,6 +87,7 @@ def _tracker_env(tmp_path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------- the real thing
+@pytest.mark.slow
 def test_multirun_logs_each_job_as_its_own_offline_wandb_run_in_one_group(tmp_path):
     sweep = tmp_path / "sweep"
     overrides = [o for o in FAST if not o.startswith("logger=")]  # the default loggers
@@ -235,107 +233,9 @@ def test_rank_zero_from_the_launchers_environment():
     assert not is_rank_zero({"LOCAL_RANK": "0", "NODE_RANK": "1"})
 
 
-# ---------------------------------------------------------------------------- ensemble report
-def _fake_report(folder: Path, setting: dict, seeds=(1, 2, 3)) -> dict:
-    """A report folder as the ensemble report writes it: report.json and its pictures."""
-    from PIL import Image
-
-    rng = np.random.default_rng(len(folder.name))
-    members = [
-        {k: float(v) for k, v in zip(("acc", "nll", "ece", "brier"), rng.random(4), strict=True)}
-        for _ in seeds
-    ]
-    mean = {k: float(np.mean([m[k] for m in members])) for k in members[0]}
-    std = {k: float(np.std([m[k] for m in members], ddof=1)) for k in members[0]}
-    ensemble = {k: v + 0.01 for k, v in mean.items()}
-    report = {
-        "setting": setting,
-        "members": [{"run": str(i), "path": f"/runs/{i}", "seed": s} for i, s in enumerate(seeds)],
-        "seeds": list(seeds),
-        "left_out": [],
-        "test_set": {"samples": 270, "classes": 10, "split_seed": 0},
-        "tta": None,
-        "notes": "...",
-        "test": {
-            "members": members,
-            "mean": mean,
-            "std": std,
-            "ensemble": ensemble,
-            "gain": {k: ensemble[k] - mean[k] for k in mean},
-            "disagreement": {"mean": 0.05, "pairs": [[0.0, 0.05], [0.05, 0.0]]},
-        },
-    }
-    folder.mkdir(parents=True)
-    (folder / "report.json").write_text(json.dumps(report))
-    for name in ("reliability", "confusion"):
-        Image.new("RGB", (16, 12), (200, 30, 30)).save(folder / f"{name}.png")
-    return report
-
-
-def test_log_report_to_wandb_logs_each_report_as_an_ensemble_run_of_the_group(tmp_path):
-    report_dir = tmp_path / "sweep" / "ensemble"
-    reports = {
-        "lr=0.001": _fake_report(report_dir / "lr=0.001", {"model.optimizer.lr": 0.001}),
-        "lr=0.01": _fake_report(report_dir / "lr=0.01", {"model.optimizer.lr": 0.01}),
-    }
-    run_dirs = log_report_to_wandb(report_dir, "my-sweep", mode="offline")
-    import wandb
-
-    wandb.teardown()  # wandb writes run files in the background: wait for them (process exit)
-    assert len(run_dirs) == 2
-    for run_dir, (name, report) in zip(run_dirs, sorted(reports.items()), strict=True):
-        assert run_dir.parent == report_dir / name / "wandb"  # next to its report
-        run = offline_run(run_dir)
-        assert run["group"] == "my-sweep" and run["job_type"] == "ensemble"
-        assert (
-            run["name"] == f"ensemble model.optimizer.lr={report['setting']['model.optimizer.lr']}"
-        )
-        summary = run["summary"]
-        assert summary["test/acc"] == pytest.approx(report["test"]["ensemble"]["acc"])
-        assert summary["test/nll_mean"] == pytest.approx(report["test"]["mean"]["nll"])
-        assert summary["test/ece_std"] == pytest.approx(report["test"]["std"]["ece"])
-        assert summary["test/brier_gain"] == pytest.approx(report["test"]["gain"]["brier"])
-        assert summary["test/disagreement"] == 0.05 and summary["members"] == 3
-        assert {"report/table", "report/reliability", "report/confusion"} <= run["history"]
-        (table,) = (run_dir / "files" / "media" / "table" / "report").glob("table_*.table.json")
-        table = json.loads(table.read_text())
-        assert table["columns"][:2] == ["model", "test/acc"]
-        assert [row[0] for row in table["data"]] == [
-            "seed 1",
-            "seed 2",
-            "seed 3",
-            "mean",
-            "std",
-            "ensemble",
-            "gain",
-        ]
-        assert table["data"][5][1] == pytest.approx(report["test"]["ensemble"]["acc"])
-        assert table["data"][1][1] == pytest.approx(report["test"]["members"][1]["acc"])
-        images = sorted((run_dir / "files" / "media" / "images" / "report").glob("*.png"))
-        assert len(images) == 2
-        assert run["exit_code"] == 0
-
-
-def test_log_report_to_wandb_without_a_report_says_what_to_give(tmp_path):
-    with pytest.raises(UserError, match="No report.json in"):
-        log_report_to_wandb(tmp_path, "g", mode="offline")
-
-
-def test_wandb_report_options_put_the_report_in_the_members_group(tmp_path):
-    from tests.conftest import compose_cfg
-
-    cfg = compose_cfg(tmp_path, ["logger=default", "logger.wandb.project=pets"])
-    with read_write(cfg.hydra), open_dict(cfg):
-        cfg.hydra.sweep.dir = str(tmp_path / "multiruns" / "2025-01-02_03-04-05_abc123")
-    options = wandb_report_options(cfg)
-    assert options["group"] == "2025-01-02_03-04-05_abc123"  # = run_labels().group in a multirun
-    assert options["project"] == "pets" and options["mode"] is None
-    assert options["settings"]["x_save_requirements"] is False
-    assert wandb_report_options(compose_cfg(tmp_path, ["logger=csv"])) is None
-
-
+@pytest.mark.slow
 def test_csv_and_mlflow_together_log_the_run_into_a_local_file_store(cfg_factory, tmp_path):
-    from run import train
+    from tasks.train import train
 
     cfg = cfg_factory(
         "logger=[csv,mlflow]",

@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 from lightning_modules.run_outputs import load_predictions, read_metrics
 
 
+@pytest.mark.slow
 def test_train_writes_metrics_and_predictions(cfg_factory, tmp_path):
-    from run import train
+    from tasks.train import train
 
     cfg = cfg_factory("trainer.limit_train_batches=3", "seed=0")
     metrics, objects = train(cfg)
@@ -36,8 +37,9 @@ def test_train_writes_metrics_and_predictions(cfg_factory, tmp_path):
     assert nll == pytest.approx(saved["test/nll"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_model_learns_digits_well_above_chance(cfg_factory):
-    from run import train
+    from tasks.train import train
 
     cfg = cfg_factory("trainer.max_epochs=3", "augment=none", "model.optimizer.lr=0.01")
     metrics, _ = train(cfg)
@@ -45,8 +47,9 @@ def test_model_learns_digits_well_above_chance(cfg_factory):
     assert metrics["val/acc_best"] >= metrics["val/acc"] - 1e-9
 
 
+@pytest.mark.slow
 def test_same_seed_deterministic_runs_are_identical(tmp_path):
-    from run import train
+    from tasks.train import train
     from tests.conftest import compose_cfg
 
     overrides = ["trainer.deterministic=true", "trainer.limit_train_batches=4", "seed=7"]
@@ -60,8 +63,9 @@ def test_same_seed_deterministic_runs_are_identical(tmp_path):
     assert results[0]["test/nll"] != results[2]["test/nll"]  # another seed, another model
 
 
+@pytest.mark.slow
 def test_unknown_backbone_suggests_close_names(cfg_factory):
-    from run import train
+    from tasks.train import train
 
     with pytest.raises(UserError, match="Did you mean: .*resnet18"):
         train(cfg_factory("model.backbone=resnet1"))

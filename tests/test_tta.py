@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 from lightning_modules.tta import TestTimeAugmentation
 
 

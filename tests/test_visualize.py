@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
+from lightning_modules.figures.pictures import PICTURES, log_pictures, pick_images
 from lightning_modules.run_outputs import load_predictions, read_metrics
-from lightning_modules.visualize import PICTURES, log_pictures, pick_images
 from tests.conftest import compose_cfg
 
 # fewer, smaller pictures: drawing dominates these tests' time
@@ -18,7 +18,7 @@ SMALL = ["visualize.num_images=3", "visualize.channels=3", "visualize.max_filter
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """One short digits run with the pictures callback and TensorBoard."""
-    from run import train
+    from tasks.train import train
 
     out = tmp_path_factory.mktemp("trained")
     cfg = compose_cfg(
@@ -42,6 +42,7 @@ def _image(path) -> np.ndarray:
     return mpimg.imread(str(path))
 
 
+@pytest.mark.slow
 def test_end_of_run_pictures_are_drawn_and_logged(trained_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -57,8 +58,9 @@ def test_end_of_run_pictures_are_drawn_and_logged(trained_run):
     assert (logged.height, logged.width) == _image(trained_run / "confusion_matrix.png").shape[:2]
 
 
+@pytest.mark.slow
 def test_visualize_task_scores_the_checkpoint_like_the_test(trained_run, tmp_path):
-    from run import run_task
+    from tasks import run_task
 
     cfg = compose_cfg(tmp_path, ["task=visualize", f"ckpt_path={trained_run}", *SMALL])
     metrics, objects = run_task(cfg)
@@ -75,11 +77,12 @@ def test_visualize_task_scores_the_checkpoint_like_the_test(trained_run, tmp_pat
     assert {p.name for p in objects["paths"].values()} == {f"{n}.png" for n in PICTURES}
 
 
+@pytest.mark.slow
 def test_visualize_a_folder_of_images(trained_run, tmp_path):
     from PIL import Image
 
     from datamodules.sources.digits import DigitsSource
-    from run import run_task
+    from tasks import run_task
 
     data = DigitsSource().load().train
     folder = tmp_path / "images"
@@ -113,8 +116,9 @@ def test_visualize_a_folder_of_images(trained_run, tmp_path):
     assert (tmp_path / "flat" / "gradcam.png").is_file()
 
 
+@pytest.mark.slow
 def test_visualize_refuses_what_does_not_fit(trained_run, tmp_path):
-    from run import run_task
+    from tasks import run_task
 
     with pytest.raises(UserError, match="predicts classes"):
         run_task(
@@ -166,7 +170,7 @@ def test_pictures_go_to_loggers_that_take_images(tmp_path):
 def test_confusion_matrix_counts_true_rows_and_predicted_columns():
     from sklearn.metrics import confusion_matrix as sk_confusion
 
-    from lightning_modules.model_figures import confusion_matrix
+    from lightning_modules.figures.model_figures import confusion_matrix
 
     rng = np.random.default_rng(0)
     targets, predicted = rng.integers(0, 5, 200), rng.integers(0, 5, 200)
@@ -176,8 +180,8 @@ def test_confusion_matrix_counts_true_rows_and_predicted_columns():
 
 
 def test_multi_task_heads_are_explained_one_task_at_a_time(tmp_path):
+    from lightning_modules.figures.pictures import ImageSet, draw_pictures, head_of
     from lightning_modules.multitask import MultiTaskModel
-    from lightning_modules.visualize import ImageSet, draw_pictures, head_of
 
     torch.manual_seed(0)
     tasks = {

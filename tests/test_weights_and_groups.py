@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 from lightning_modules.finetune import build_finetuning, choose_strategy
 from lightning_modules.layer_groups import layer_groups
 from lightning_modules.weights import load_weights
@@ -133,8 +133,9 @@ def test_offline_hub_failure_says_how_to_pass_a_local_file(monkeypatch, tmp_path
         create_backbone(name="resnet10t", num_classes=3, pretrained=True)
 
 
+@pytest.mark.slow
 def test_framework_checkpoint_transfers_to_a_new_class_count(cfg_factory, tmp_path):
-    from run import train
+    from tasks.train import train
 
     _, first = train(cfg_factory("trainer.limit_train_batches=2", "data.classes=[0,1,2,3,4]"))
     ckpt = tmp_path / "checkpoints" / "best.ckpt"
@@ -178,12 +179,12 @@ def test_auto_reads_the_training_set_and_keeps_the_callback_settings():
         conf, has_weights=True, train_targets=np.repeat(np.arange(4), 8), n_backbone_groups=5
     )
     assert few.strategy == "linear_probe" and few.cache_features
-    assert few.callback_kwargs == {"_target_": "x", "every": 2, "max_unfrozen": 0}
+    assert few.callback == {"_target_": "x", "every": 2, "max_unfrozen": 0}
     assert "8 training images per class" in few.reason
     none = build_finetuning(
         conf, has_weights=False, train_targets=np.zeros(10, int), n_backbone_groups=5
     )
-    assert none.strategy == "scratch" and none.callback_kwargs is None and not none.use_weights
+    assert none.strategy == "scratch" and none.callback is None and not none.use_weights
     with pytest.raises(UserError, match="few_per_class <= many_per_class"):
         build_finetuning(
             {**conf, "few_per_class": 500},

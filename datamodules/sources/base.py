@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# the kinds of label column a multi-task source can hold (and a task head can predict)
+TASK_TYPES = ("classification", "binary", "regression")
+
 
 @dataclass
 class Pool:

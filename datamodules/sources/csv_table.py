@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.sources.base import Pool, SourceData
+from datamodules.errors import UserError
+from datamodules.sources.base import TASK_TYPES, Pool, SourceData
 from datamodules.sources.folder import FileLoader
-from lightning_modules.errors import UserError
 
-TASK_TYPES = ("classification", "binary", "regression")
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 BINARY_WORDS = {"0": 0, "1": 1, "false": 0, "true": 1, "no": 0, "yes": 1, "0.0": 0, "1.0": 1}
 MISSING = ("", "na", "n/a", "nan", "none", "null")

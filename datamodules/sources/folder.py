@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from datamodules.errors import UserError
 from datamodules.sources.base import Pool, SourceData
-from lightning_modules.errors import UserError
 
 log = logging.getLogger(__name__)
 

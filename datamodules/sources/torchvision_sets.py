@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from datamodules.errors import UserError
 from datamodules.sources.base import Pool, SourceData
-from lightning_modules.errors import UserError
 
 # torchvision class name -> {our split: keyword arguments selecting the official split}
 SPLITS = {

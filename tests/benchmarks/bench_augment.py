@@ -28,7 +28,7 @@ def _train_speed(tmp_path, overrides: list[str], epochs: int = 3, batches: int =
 
     import pytorch_lightning as pl
 
-    from run import instantiate
+    from tasks.instantiate import instantiate
 
     cfg = compose_cfg(tmp_path, overrides, fast=False)
     pl.seed_everything(0, workers=True)
@@ -158,7 +158,7 @@ def test_pca_jitter_cost_per_image_both_ways(size):
 
 def test_per_image_pipeline_cost_of_each_preset(tmp_path):
     """CPU time of the per-image training transform of every preset (one worker's view)."""
-    from run import instantiate
+    from tasks.instantiate import instantiate
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a data-loader worker

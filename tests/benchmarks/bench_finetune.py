@@ -28,7 +28,7 @@ class EpochTimer(pl.Callback):
 
 
 def _fit_epochs(tmp_path, name, overrides):
-    from run import train
+    from tasks.train import train
     from tests.conftest import compose_cfg
 
     cfg = compose_cfg(
@@ -53,7 +53,7 @@ def _fit_epochs(tmp_path, name, overrides):
 
 
 def test_bench_feature_cache(tmp_path):
-    from lightning_modules import feature_cache
+    from datamodules import feature_cache
 
     feature_cache._MEMORY.clear()
     plain, plain_total = _fit_epochs(
@@ -74,7 +74,7 @@ def test_bench_feature_cache(tmp_path):
 
 def test_bench_progressive_head_stage_cache(tmp_path):
     """progressive with milestones [2]: epochs 0-1 train the head alone, cached or not."""
-    from lightning_modules import feature_cache
+    from datamodules import feature_cache
 
     common = ["finetune=progressive", "finetune.callback.milestones=[2]"]
     feature_cache._MEMORY.clear()

@@ -26,7 +26,7 @@ t0 = time.perf_counter()
 import wandb
 t_import = time.perf_counter() - t0
 from omegaconf import OmegaConf
-from lightning_modules.tracking import wandb_logger
+from tasks.tracking import wandb_logger
 settings = dict(OmegaConf.load("conf/logger/wandb.yaml").wandb.settings) if sys.argv[1] == "project" else {}
 times = []
 for i in range(6):

@@ -38,7 +38,7 @@ def _best(fn):
 def test_ten_crop_costs_at_most_eleven_single_crops(tmp_path):
     import timm
 
-    from run import instantiate
+    from tasks.instantiate import instantiate
 
     device = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
     cfg = compose_cfg(tmp_path, ["data.num_workers=0", "data.mirror_invariant=true"], fast=False)

@@ -31,12 +31,12 @@ class EnsembleReport(Callback):
         options = config.get("ensemble") or {}
         if not options.get("after_multirun", True):
             return
-        from lightning_modules.errors import UserError
+        from datamodules.errors import UserError
 
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            from lightning_modules.ensemble_report import report_runs
             from lightning_modules.run_outputs import list_runs
+            from tasks.ensemble import report_runs
 
             report_runs(
                 list_runs(sweep_dir),

@@ -40,7 +40,7 @@ class DistributedJob(Callback):
         self._run_dir: Any = None
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from lightning_modules.tracking import is_rank_zero
+        from tasks.tracking import is_rank_zero
 
         self._environ = {key: os.environ.get(key) for key in DDP_ENVIRONMENT}
         if not is_rank_zero():

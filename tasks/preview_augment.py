@@ -26,11 +26,7 @@ def preview_augment(cfg) -> tuple[dict, dict]:
         (``original``: N x H x W x 3, ``views``: N x K x H x W x 3, ``pca``: N x P x H x W x 3,
         values in [0, 1]) and ``objects["datamodule"]`` the data module.
     """
-    import torch
-
-    from datamodules.pca_jitter import PCAJitter
-    from datamodules.transforms import describe_augment
-    from run import instantiate
+    from tasks.instantiate import instantiate
 
     options = cfg.get("preview") or {}
     n_images, n_views = int(options.get("images", 6)), int(options.get("views", 6))
@@ -42,15 +38,49 @@ def preview_augment(cfg) -> tuple[dict, dict]:
     dm.setup("fit")
     train = dm.datasets["train"]
     rows = _one_row_per_class(train.targets, n_images)
+    eval_tf, view_tf, pca_only = _preview_transforms(dm, pca_sigma)
+    panels = _draw_panels(
+        train,
+        rows,
+        eval_tf=eval_tf,
+        view_tf=view_tf,
+        pca_only=pca_only,
+        n_views=n_views,
+        n_pca=n_pca,
+        seed=0 if cfg.get("seed") is None else int(cfg.seed),
+    )
+    title = _title_lines(dm, pca_only.pca, seed=cfg.get("seed"), pca_sigma=pca_sigma)
+    labels = [f"class {dm.class_names[int(train.targets[r])]}" for r in rows]
+    path = out_dir / str(options.get("file", "augment_preview.png"))
+    draw_grid(panels, row_labels=labels, title=title, pca_sigma=pca_sigma, path=path)
+    log.info("Augmentation preview: %s", path)
+    print(path)
+    return {"preview": str(path)}, {"cfg": cfg, "datamodule": dm, "panels": panels}
+
+
+def _preview_transforms(dm, pca_sigma: float):
+    """``(eval view, full training pipeline, PCA jitter alone at pca_sigma)``, all in [0, 1].
+
+    The training pipeline applies every step per image (PCA jitter too, wherever training runs
+    it); the PCA jitter uses the data's colour PCA, fitted here when training has it off.
+    """
+    from datamodules.pca_jitter import PCAJitter
 
     augment = dict(dm.augment_options)
     augment["pca"] = {**augment["pca"], "where": "worker"}  # every step, applied per image
     view_tf = dm.train_transform(augment=augment, normalize=False)
     eval_tf = dm.eval_transform(normalize=False)
     color_pca = dm.color_pca or dm.resolve_color_pca()
-    pca_only = PCAJitter(color_pca, sigma=pca_sigma)
+    return eval_tf, view_tf, PCAJitter(color_pca, sigma=pca_sigma)
 
-    torch.manual_seed(0 if cfg.get("seed") is None else int(cfg.seed))
+
+def _draw_panels(
+    train, rows: list[int], *, eval_tf, view_tf, pca_only, n_views: int, n_pca: int, seed: int
+) -> dict[str, np.ndarray]:
+    """The pictures of the grid (see :func:`preview_augment`), drawn with torch seeded ``seed``."""
+    import torch
+
+    torch.manual_seed(seed)
     original, views, pca = [], [], []
     for row in rows:
         image = train.pool.load(int(train.indices[row]))
@@ -62,30 +92,30 @@ def preview_augment(cfg) -> tuple[dict, dict]:
     def to_numpy(t):
         return t.clamp(0, 1).movedim(-3, -1).numpy()
 
-    panels = {
+    return {
         "original": to_numpy(torch.stack(original)),
         "views": to_numpy(torch.stack(views)),
         "pca": to_numpy(torch.stack(pca)),
     }
+
+
+def _title_lines(dm, color_pca, *, seed, pca_sigma: float) -> list[str]:
+    """The grid's title: preset, data, size and seed; the training pipeline; the PCA jitter."""
+    from datamodules.transforms import describe_augment
+
     preset = _choice("augment")
     data_name = _choice("data")
     pca_cfg = dm.augment_options["pca"]
     eig = ", ".join(f"{v:.3g}" for v in color_pca.eigval)
     if color_pca.eigval[1] <= 1e-6 * max(color_pca.eigval[0], 1e-12):
         eig += "; grey images: a single axis, brightness"
-    title = [
-        f"augment={preset} on data={data_name}: {dm.image_size} px, seed {cfg.get('seed')}",
+    return [
+        f"augment={preset} on data={data_name}: {dm.image_size} px, seed {seed}",
         "Training pipeline: "
         + describe_augment(dm.augment_options, mirror_invariant=dm.mirror_invariant),
         f"PCA colour jitter: eigen={pca_cfg['eigen']} (eigenvalues {eig}); "
         f"training sigma={pca_cfg['sigma']:g}, orange columns sigma={pca_sigma:g}",
     ]
-    labels = [f"class {dm.class_names[int(train.targets[r])]}" for r in rows]
-    path = out_dir / str(options.get("file", "augment_preview.png"))
-    draw_grid(panels, row_labels=labels, title=title, pca_sigma=pca_sigma, path=path)
-    log.info("Augmentation preview: %s", path)
-    print(path)
-    return {"preview": str(path)}, {"cfg": cfg, "datamodule": dm, "panels": panels}
 
 
 def _one_row_per_class(targets: np.ndarray, n: int) -> list[int]:

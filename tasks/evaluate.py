@@ -20,7 +20,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
+from tasks.outcome import summary
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,11 @@ DATA_KEYS = (
 
 def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     """Test ``cfg.ckpt_path`` (one checkpoint or an ensemble); returns ``(metrics, objects)``."""
-    from lightning_modules.data_contract import (
-        build_contract,
-        data_config_for,
-        warn_if_split_differs,
-        write_run_contract,
-    )
-    from lightning_modules.ensemble import find_checkpoints, load_model
-    from lightning_modules.run_outputs import write_metrics
-    from run import instantiate, resolved_config, save_test_results, seed_run, tta_callback
+    from lightning_modules.checkpoints import find_checkpoints
+    from lightning_modules.ensemble import load_model
+    from tasks.instantiate import instantiate, instantiate_all, tta_callback
+    from tasks.seed import seed_run
+    from tasks.tracking import loggable_config
 
     out_dir = Path(cfg.paths.output_dir)
     seed = seed_run(cfg.seed)
@@ -58,6 +55,33 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     model, contract = load_model(checkpoints, with_contract=True, same_test_set=True)
     if contract is None:
         warn_if_data_differs(checkpoints, cfg)
+    datamodule_config, datamodule = _test_datamodule(cfg, contract, model)
+
+    tta = tta_callback(cfg, datamodule)
+    loggers = instantiate_all(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=[tta] if tta else [], logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(loggable_config(cfg))
+    log.info("Run directory: %s", out_dir)
+    trainer.test(model, datamodule=datamodule)
+
+    metrics = {
+        "seed": seed,
+        "split_seed": datamodule.split_seed,
+        "checkpoints": [str(p) for p in checkpoints],
+        **{k: float(v) for k, v in trainer.callback_metrics.items()},
+    }
+    if trainer.is_global_zero:
+        _write_outputs(out_dir, metrics, datamodule, model, tta, datamodule_config)
+    log.info("%s: %s", "Ensemble" if len(checkpoints) > 1 else "Checkpoint", summary(metrics))
+    return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+
+
+def _test_datamodule(cfg: DictConfig, contract, model):
+    """``(data config, datamodule)`` of the test set: the training run's (``contract``) with the
+    command line's ``data.*`` on top, set up; a UserError when its classes are not the model's."""
+    from lightning_modules.data_contract import data_config_for, warn_if_split_differs
+    from tasks.instantiate import instantiate
 
     datamodule_config = data_config_for(cfg, contract)
     datamodule = instantiate(datamodule_config, _convert_="all")
@@ -70,45 +94,28 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
             f"The checkpoint(s) predict classes {trained_on[:20]} but data has "
             f"{datamodule.class_names[:20]}: evaluate on the data the model was trained on."
         )
+    return datamodule_config, datamodule
 
-    tta = tta_callback(cfg, datamodule)
-    loggers = [
-        instantiate(c, _convert_="all")
-        for c in (cfg.get("logger") or {}).values()
-        if isinstance(c, DictConfig) and "_target_" in c
-    ]
-    trainer = instantiate(cfg.trainer, callbacks=[tta] if tta else [], logger=loggers or False)
-    for logger in loggers:
-        logger.log_hyperparams(resolved_config(cfg))
-    log.info("Run directory: %s", out_dir)
-    trainer.test(model, datamodule=datamodule)
 
-    metrics = {
-        "seed": seed,
-        "split_seed": datamodule.split_seed,
-        "checkpoints": [str(p) for p in checkpoints],
-        **{k: float(v) for k, v in trainer.callback_metrics.items()},
-    }
-    if trainer.is_global_zero:
-        save_test_results(out_dir, metrics, datamodule=datamodule, model=model, tta=tta)
-        write_metrics(out_dir, metrics)
-        # what was tested: an eval run's directory is read like a training run's
-        tested = build_contract(
-            datamodule, backbone=model.hparams["backbone"], data_config=datamodule_config
-        )
-        write_run_contract(out_dir, tested, datamodule)
-    summary = ", ".join(
-        f"{k}={metrics[k]:.4f}" for k in ("test/acc", "test/nll", "test_tta/acc") if k in metrics
+def _write_outputs(out_dir: Path, metrics: dict, datamodule, model, tta, datamodule_config) -> None:
+    """Predictions, ``metrics.json`` and the data contract of what was tested, in ``out_dir``."""
+    from lightning_modules.data_contract import build_contract, write_run_contract
+    from lightning_modules.run_outputs import save_test_results, write_metrics
+
+    save_test_results(out_dir, metrics, datamodule=datamodule, model=model, tta=tta)
+    write_metrics(out_dir, metrics)
+    # what was tested: an eval run's directory is read like a training run's
+    tested = build_contract(
+        datamodule, backbone=model.hparams["backbone"], data_config=datamodule_config
     )
-    log.info("%s: %s", "Ensemble" if len(checkpoints) > 1 else "Checkpoint", summary)
-    return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+    write_run_contract(out_dir, tested, datamodule)
 
 
 def warn_if_data_differs(checkpoints: list[Path], cfg: DictConfig) -> None:
     """Warn when a checkpoint's training run used other test data or eval pixels than ``cfg``."""
     from omegaconf import OmegaConf
 
-    from lightning_modules.ensemble_report import flat_setting
+    from tasks.ensemble import flat_setting
 
     now = _data_setting(flat_setting(cfg))
     for ckpt in checkpoints:

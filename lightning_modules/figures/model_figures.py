@@ -1,7 +1,8 @@
 """Figures of what a network learned, drawn with matplotlib (Agg backend) into PNG files.
 
 Pure drawing: arrays in, a PNG out. The numbers come from ``lightning_modules.gradcam`` and
-``lightning_modules.feature_maps``; ``lightning_modules.visualize`` puts it together.
+``lightning_modules.feature_maps``; ``lightning_modules.figures.pictures`` puts it
+together.
 """
 
 from __future__ import annotations
@@ -72,9 +73,6 @@ def plot_gradcam(
     ``regression``: one heatmap per image, for the predicted value (the true value in the titles).
     """
     plt = _plt()
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
     n = len(rows)
     height = 2.45 * n + 1.0
     fig, grid = plt.subplots(
@@ -89,33 +87,47 @@ def plot_gradcam(
         ax.axis("off")
     fig.subplots_adjust(left=0.02, right=0.9, bottom=0.2 / height, top=1 - 1.0 / height)
     for r, row in enumerate(rows):
-        ax_img, ax_pred, ax_true = axes[r]
-        ax_img.imshow(row.image, interpolation="nearest")
-        ax_img.set_title(
-            f"true: {_short(row.true)}" if row.true is not None else "no label", fontsize=9
-        )
-        if row.label:
-            ax_img.set_xlabel(_short(row.label, 30), fontsize=7)
-        correct = row.true is not None and row.true == row.predicted
-        colour = "black" if row.true is None or regression else ("green" if correct else "red")
-        prob = "" if np.isnan(row.probability) else f" (p={row.probability:.2f})"
-        panels = (
-            (ax_pred, row.cam_predicted, f"predicted: {_short(row.predicted)}{prob}", colour),
-            (ax_true, row.cam_true, f"true: {_short(row.true or '')}", "black"),
-        )
-        for ax, cam, text, text_colour in panels:
-            if cam is None:
-                note = "regression: one map,\nfor the predicted value" if regression else None
-                ax.text(0.5, 0.5, note or "no true label", ha="center", va="center", fontsize=8)
-            else:
-                ax.imshow(row.image, interpolation="nearest")
-                ax.imshow(cam, cmap=CAM_CMAP, alpha=alpha, vmin=0, vmax=1, interpolation="bilinear")
-                ax.set_title(text, fontsize=9, color=text_colour)
-        for ax in (ax_img, ax_pred, ax_true):
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if ax is not ax_img and (row.cam_true is None and ax is ax_true):
-                ax.axis("off")
+        _cam_row(axes[r], row, alpha=alpha, regression=regression)
+    _cam_legend(fig, grid, title=title, height=height, regression=regression)
+    return _save(fig, path)
+
+
+def _cam_row(axes, row: CamRow, *, alpha: float, regression: bool) -> None:
+    """One row of the Grad-CAM figure: the image, its predicted class's and true class's maps."""
+    ax_img, ax_pred, ax_true = axes
+    ax_img.imshow(row.image, interpolation="nearest")
+    ax_img.set_title(
+        f"true: {_short(row.true)}" if row.true is not None else "no label", fontsize=9
+    )
+    if row.label:
+        ax_img.set_xlabel(_short(row.label, 30), fontsize=7)
+    correct = row.true is not None and row.true == row.predicted
+    colour = "black" if row.true is None or regression else ("green" if correct else "red")
+    prob = "" if np.isnan(row.probability) else f" (p={row.probability:.2f})"
+    panels = (
+        (ax_pred, row.cam_predicted, f"predicted: {_short(row.predicted)}{prob}", colour),
+        (ax_true, row.cam_true, f"true: {_short(row.true or '')}", "black"),
+    )
+    for ax, cam, text, text_colour in panels:
+        if cam is None:
+            note = "regression: one map,\nfor the predicted value" if regression else None
+            ax.text(0.5, 0.5, note or "no true label", ha="center", va="center", fontsize=8)
+        else:
+            ax.imshow(row.image, interpolation="nearest")
+            ax.imshow(cam, cmap=CAM_CMAP, alpha=alpha, vmin=0, vmax=1, interpolation="bilinear")
+            ax.set_title(text, fontsize=9, color=text_colour)
+    for ax in (ax_img, ax_pred, ax_true):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if ax is not ax_img and (row.cam_true is None and ax is ax_true):
+            ax.axis("off")
+
+
+def _cam_legend(fig, grid, *, title: str, height: float, regression: bool) -> None:
+    """The Grad-CAM figure's title with what the columns show, and its colour bar."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     legend = (
         "middle: evidence for a higher predicted value"
         if regression
@@ -128,12 +140,11 @@ def plot_gradcam(
         y=1 - 0.12 / height,
         va="top",
     )
-    middle = grid[n // 2, 3].get_position()
+    middle = grid[len(grid) // 2, 3].get_position()
     cax = fig.add_axes((middle.x0, 0.3, 0.015, 0.4))
     bar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap=CAM_CMAP), cax=cax)
     what = "a higher value" if regression else "the class"
     bar.set_label(f"evidence for {what} (1 = strongest in the image)", fontsize=8)
-    return _save(fig, path)
 
 
 def plot_filters(path: Path, weight: np.ndarray, *, title: str, max_filters: int = 64) -> Path:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 
 
 def _is_int(v) -> bool:

@@ -11,8 +11,6 @@
 - :func:`wandb_logger` and :func:`mlflow_logger` build Lightning loggers with those labels.
 - :func:`loggable_config` is the config every logger records: resolved, but never with the value
   of an environment variable, and with secrets masked.
-- :func:`log_report_to_wandb` logs a finished ensemble report folder as a run of its own in the
-  members' group (:func:`wandb_report_options` gives its arguments from the multirun's config).
 
 Importing this module imports neither wandb nor Lightning.
 """
@@ -20,7 +18,6 @@ Importing this module imports neither wandb nor Lightning.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import netrc
 import os
@@ -33,7 +30,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lightning_modules.errors import UserError
+from datamodules.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -339,123 +336,3 @@ def _mask(value, secrets: list[str], key: str = ""):
         for secret in secrets:
             value = value.replace(secret, MASK)
     return value
-
-
-# ---------------------------------------------------------------------------- ensemble reports
-def log_report_to_wandb(
-    report_dir: str | Path,
-    group: str,
-    *,
-    project: str | None = None,
-    entity: str | None = None,
-    mode: str | None = None,
-    save_dir: str | Path | None = None,
-    tags: Sequence[str] = ("ensemble",),
-    settings: Mapping[str, Any] | None = None,
-) -> list[Path]:
-    """Log an ensemble report folder as wandb runs of their own in ``group``; their directories.
-
-    Every ``report.json`` in ``report_dir`` (itself, or one sub-folder per hyperparameter setting)
-    becomes one run of job type ``ensemble``: the ensemble's metrics in the summary under the
-    members' names (``test/acc``, ...), with ``_mean``, ``_std`` and ``_gain`` over the members,
-    the table (members, mean, std, ensemble, gain) and the folder's pictures.
-    """
-    import wandb
-
-    report_dir = Path(report_dir)
-    reports = sorted(report_dir.rglob("report.json"))
-    if not reports:
-        raise UserError(
-            f"No report.json in {report_dir}: give the ensemble report folder of a finished "
-            "multirun (<sweep dir>/ensemble)."
-        )
-    chosen, why = wandb_mode(mode)
-    _announce("wandb", "wandb: %s (%s)", chosen, why)
-    run_dirs = []
-    for path in reports:
-        report = json.loads(path.read_text())
-        setting = report.get("setting") or {}
-        label = report.get("name") or ",".join(f"{k}={v}" for k, v in setting.items())
-        run = wandb.init(
-            project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-            entity=entity,
-            mode=chosen,
-            dir=str(save_dir or path.parent),
-            group=group,
-            job_type="ensemble",
-            name=f"ensemble {label}".strip(),
-            tags=[short_label(str(t)) for t in tags],
-            config={"setting": setting, "seeds": report.get("seeds"), "report": str(path)},
-            settings=wandb.Settings(**dict(settings or {"console": "off"})),
-            reinit="create_new",
-        )
-        try:
-            columns, rows = report_table(report)
-            images = {
-                f"report/{png.stem}": wandb.Image(str(png))
-                for png in sorted(path.parent.glob("*.png"))
-            }
-            run.log({"report/table": wandb.Table(columns=columns, data=rows), **images})
-            run.summary.update(report_summary(report))
-            run_dirs.append(Path(run.dir).parent)
-        finally:
-            run.finish()
-    return run_dirs
-
-
-def wandb_report_options(config: DictConfig) -> dict | None:
-    """Keyword arguments of :func:`log_report_to_wandb` for a finished multirun's ``config``
-    (its members' group, the wandb logger's project, entity, mode and settings), or None when
-    wandb is not among its loggers."""
-    wandb = OmegaConf.select(config, "logger.wandb", default=None)
-    if not wandb:
-        return None
-    options = {
-        key: OmegaConf.to_container(wandb[key], resolve=True)
-        if OmegaConf.is_config(wandb[key])
-        else wandb[key]
-        for key in ("project", "entity", "mode", "settings")
-        if key in wandb
-    }
-    return {"group": Path(str(config.hydra.sweep.dir)).name, **options}
-
-
-def _report_splits(report: Mapping) -> list[str]:
-    return [k for k, v in report.items() if isinstance(v, Mapping) and "ensemble" in v]
-
-
-def report_summary(report: Mapping) -> dict[str, float]:
-    """Flat summary metrics of one report: ``<split>/<metric>`` for the ensemble, plus
-    ``_mean``/``_std``/``_gain`` over its members and ``<split>/disagreement``."""
-    out: dict[str, float] = {"members": len(report.get("members") or [])}
-    for split in _report_splits(report):
-        scores = report[split]
-        for metric, value in scores["ensemble"].items():
-            out[f"{split}/{metric}"] = value
-            for part in ("mean", "std", "gain"):
-                if metric in (scores.get(part) or {}):
-                    out[f"{split}/{metric}_{part}"] = scores[part][metric]
-        disagreement = scores.get("disagreement") or {}
-        if "mean" in disagreement:
-            out[f"{split}/disagreement"] = disagreement["mean"]
-    return out
-
-
-def report_table(report: Mapping) -> tuple[list[str], list[list[Any]]]:
-    """Columns and rows: one row per member (by seed), then mean, std, ensemble and gain."""
-    splits = _report_splits(report)
-    metrics = [(split, metric) for split in splits for metric in report[split]["ensemble"]]
-    columns = ["model", *(f"{split}/{metric}" for split, metric in metrics)]
-    rows = []
-    for i, member in enumerate(report.get("members") or []):
-        row = [f"seed {member.get('seed')}"]
-        row += [_member_value(report[split], i, metric) for split, metric in metrics]
-        rows.append(row)
-    for part in ("mean", "std", "ensemble", "gain"):
-        rows.append([part, *((report[s].get(part) or {}).get(m) for s, m in metrics)])
-    return columns, rows
-
-
-def _member_value(scores: Mapping, i: int, metric: str):
-    members = scores.get("members") or []
-    return members[i].get(metric) if i < len(members) else None

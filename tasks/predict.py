@@ -21,38 +21,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from lightning_modules.errors import UserError
 from lightning_modules.tta import TestTimeAugmentation
 
 log = logging.getLogger(__name__)
-
-
-class ImageFiles(Dataset):
-    """Images by path: item ``i`` is ``(transformed image, readable, i)``.
-
-    An unreadable file gives the transform of a blank image and ``readable=False`` instead of
-    stopping the run.
-    """
-
-    def __init__(self, paths: list[Path], transform, image_size: int) -> None:
-        self.paths, self.transform, self.image_size = paths, transform, image_size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        from datamodules.sources.folder import load_rgb
-
-        try:
-            return self.transform(load_rgb(self.paths[i])), True, i
-        except Exception as err:  # a corrupt or non-image file: reported, not fatal
-            log.debug("Cannot read %s: %s", self.paths[i], err)
-            blank = Image.new("RGB", (self.image_size, self.image_size))
-            return self.transform(blank), False, i
 
 
 class Predictor(pl.LightningModule):
@@ -73,24 +46,14 @@ class Predictor(pl.LightningModule):
 
 def predict(cfg: DictConfig) -> tuple[dict, dict]:
     """Write the predictions CSV; returns ``({"predictions": csv path, ...}, objects)``."""
-    from datamodules.sources.folder import IMAGE_EXTENSIONS, list_images
+    from datamodules.image_files import ImageFiles, image_files
+    from lightning_modules.checkpoints import find_checkpoints
     from lightning_modules.data_contract import input_settings
-    from lightning_modules.ensemble import find_checkpoints, load_model
-    from run import instantiate, seed_run
+    from lightning_modules.ensemble import load_model
+    from tasks.instantiate import instantiate
+    from tasks.seed import seed_run
 
-    folder = cfg.predict.get("input")
-    if not folder or not Path(folder).expanduser().is_dir():
-        raise UserError(
-            f"predict.input={folder!r} is not a folder: give the folder of images to classify, "
-            "e.g. predict.input=~/new_photos."
-        )
-    folder = Path(folder).expanduser()
-    files = list_images(folder)
-    if not files:
-        raise UserError(
-            f"No images in '{folder}' ({', '.join(IMAGE_EXTENSIONS)}): point predict.input at a "
-            "folder that holds some (sub-folders are searched too)."
-        )
+    folder, files = image_files(cfg.predict.get("input"), option="predict.input")
     seed_run(cfg.seed)
     checkpoints = find_checkpoints(cfg.get("ckpt_path"))
     model, contract = load_model(checkpoints, with_contract=True)
@@ -101,7 +64,7 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
         cfg.tta,
         mirror_invariant=inputs["mirror_invariant"],
         interpolation=inputs["interpolation"],
-    )
+    ).tta  # the views only: predict has no test step to hook into
     views = tta.image_views(
         image_size=inputs["image_size"],
         mean=inputs["mean"],
@@ -110,7 +73,7 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
         eval_crop_pct=inputs["crop_pct"],
     )
     loader = DataLoader(
-        ImageFiles(files, views, inputs["image_size"]),
+        ImageFiles(files, views, blank_size=inputs["image_size"]),
         batch_size=max(1, int(data.eval_batch_size or data.batch_size) // tta.num_views),
         num_workers=int(data.num_workers),
         shuffle=False,

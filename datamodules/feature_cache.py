@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -33,11 +34,10 @@ SPLITS = ("train", "val", "test")
 _MEMORY: dict[str, dict[str, torch.Tensor]] = {}
 
 
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """Hash of the backbone's weights and buffers, the classifier (the new head) left out."""
-    from lightning_modules.layer_groups import layer_groups
-
-    head = {n.rsplit(".", 1)[0] for n in layer_groups(module)[-1].param_names}
+def weights_fingerprint(module: torch.nn.Module, *, head: Sequence[str] = ()) -> str:
+    """Hash of the backbone's weights and buffers, the head's parameters (``head``: their names,
+    the new head that trains on the features) left out."""
+    head = {n.rsplit(".", 1)[0] for n in head}
     digest = hashlib.sha1()
     for name, tensor in module.state_dict().items():
         if name.rsplit(".", 1)[0] in head:
@@ -47,11 +47,11 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cache_key(net: torch.nn.Module, datamodule) -> str:
+def cache_key(net: torch.nn.Module, datamodule, *, head: Sequence[str] = ()) -> str:
     """Hash of the backbone weights, the data (ids of every split) and the eval transform."""
     desc = {
         "backbone": type(net).__name__,
-        "weights": weights_fingerprint(net),
+        "weights": weights_fingerprint(net, head=head),
         "transform": repr(datamodule.eval_transform()),
         "classes": datamodule.class_names,
         "ids": {s: hashlib.sha1("\n".join(datamodule.ids(s)).encode()).hexdigest() for s in SPLITS},
@@ -81,9 +81,12 @@ def compute_features(
     return torch.cat(chunks)
 
 
-def cached_features(net: torch.nn.Module, datamodule, *, cache_dir: str | Path | None) -> dict:
-    """``{split: features}`` from memory, the cache file, or computed (and stored) now."""
-    key = cache_key(net, datamodule)
+def cached_features(
+    net: torch.nn.Module, datamodule, *, cache_dir: str | Path | None, head: Sequence[str] = ()
+) -> dict:
+    """``{split: features}`` from memory, the cache file, or computed (and stored) now; ``head``
+    names the parameters the features do not depend on."""
+    key = cache_key(net, datamodule, head=head)
     if key in _MEMORY:
         log.info("Frozen features: reusing the in-memory cache (%s)", key)
         return _MEMORY[key]
@@ -103,9 +106,12 @@ def cached_features(net: torch.nn.Module, datamodule, *, cache_dir: str | Path |
     return feats
 
 
-def feature_data(model, datamodule, *, unfreeze, trainer, cache_dir) -> pl.LightningDataModule:
+def feature_data(
+    model, datamodule, *, head: Sequence[str], unfreeze, trainer, cache_dir
+) -> pl.LightningDataModule:
     """The data module to fit on: cached features while the backbone is frozen, else images.
 
+    ``head``: the names of ``model.net``'s head parameters (what trains on the features).
     ``unfreeze``: the run's ``ProgressiveUnfreeze`` (its plan says how long the head trains
     alone), or ``None`` (linear probe without one: frozen for the whole run).
     """
@@ -128,7 +134,7 @@ def feature_data(model, datamodule, *, unfreeze, trainer, cache_dir) -> pl.Light
             stage,
             later,
         )
-    features = cached_features(model.net, datamodule, cache_dir=cache_dir)
+    features = cached_features(model.net, datamodule, cache_dir=cache_dir, head=head)
     return FeatureDataModule(features, datamodule, until_epoch=until)
 
 

@@ -17,7 +17,7 @@ From finished runs (a sweep directory, run directories, or globs of them):
    report directory (one sub-directory per setting when the runs hold several), and the table is
    printed.
 
-Used after every multirun by ``callbacks/ensemble_report.py`` and, for existing runs, by
+Used after every multirun by ``tasks/hydra_callbacks/ensemble_report.py`` and, for existing runs, by
 ``python run.py task=ensemble ensemble.runs=<sweep dir>`` (:func:`ensemble_task`).
 """
 
@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from datamodules.errors import UserError
 from lightning_modules import metrics as M
-from lightning_modules.errors import UserError
 from lightning_modules.run_outputs import (
     has_predictions,
     list_runs,
@@ -459,7 +459,8 @@ def write_report(
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", markdown(report))
     if plots:
-        from lightning_modules.report_figures import confusion_figure, reliability_figure
+        from lightning_modules.figures.model_figures import confusion_matrix, plot_confusion
+        from lightning_modules.figures.report_figures import reliability_figure
 
         targets = predictions["test"][0]["targets"]
         names = predictions["test"][0]["class_names"].tolist()
@@ -476,8 +477,11 @@ def write_report(
             member_labels=[f"seed {s}" for s in report["seeds"]],
         )
         ensemble = next(iter(panels.values()))[1]
-        confusion_figure(
-            out_dir / "confusion.png", ensemble, targets, names, title="Ensemble, single view"
+        plot_confusion(
+            out_dir / "confusion.png",
+            confusion_matrix(targets, ensemble.argmax(1), len(names)),
+            names,
+            title="Ensemble, single view",
         )
     return out_dir / "report.md"
 
@@ -503,13 +507,7 @@ def report_runs(
     ``strict`` (the ``ensemble`` task): mismatched members and "nothing to report" raise
     :class:`UserError`. Otherwise (after a multirun) they are logged and the others go on.
     """
-    runs = []
-    for path in paths:
-        run = read_run(path)
-        if run.task in MEMBER_TASKS:
-            runs.append(run)
-        elif strict:
-            log.warning("%s is a task=%s run, not a member: skipped.", path, run.task)
+    runs = _member_runs(paths, strict=strict)
     if not runs:
         if strict:
             raise UserError(
@@ -523,46 +521,75 @@ def report_runs(
         log.info("Runs differ in %s: %d ensembles, one per setting.", keys, len(groups))
     written = []
     for group in groups:
-        members = group.members
-        for run in group.left_out:
-            log.warning("Left out of the ensemble: %s (%s): %s", run.label, run.path, run.reason)
-        if len(members) < MIN_MEMBERS:
-            log.warning(
-                "No ensemble report%s: %d member(s) finished (%s); it needs at least %d.",
-                f" for {group.title}" if several else "",
-                len(members),
-                ", ".join(r.label for r in members) or "none",
-                MIN_MEMBERS,
-            )
-            continue
-        try:
-            predictions = load_members(members)
-            for preds in predictions.values():
-                check_members(members, preds)
-        except UserError as err:
-            if strict:
-                raise
-            log.error("No ensemble report%s: %s", f" for {group.title}" if several else "", err)
-            continue
-        report = build_report(group, predictions)
         target = out_dir / _slug(group.name or group.label) if several else out_dir
-        path = write_report(report, predictions, target, plots=plots)
-        print_table(report)
-        log.info("Ensemble report: %s", path)
-        written.append(path)
+        path = _report_group(group, target, several=several, plots=plots, strict=strict)
+        if path is not None:
+            written.append(path)
     if strict and not written:
-        keys = differing_keys([g.setting for g in groups])
-        detail = (
-            f" The runs differ in more than the seed: {', '.join(keys[:8])}"
-            f"{' ...' if len(keys) > 8 else ''}; members of an ensemble share everything else."
-            if keys
-            else ""
-        )
-        raise UserError(
-            f"No ensemble: no setting has {MIN_MEMBERS} finished runs among the "
-            f"{len(runs)} given.{detail} Give runs of one multirun over seeds."
-        )
+        raise _no_ensemble_error(groups, n_runs=len(runs))
     return written
+
+
+def _member_runs(paths: list[Path], *, strict: bool) -> list[Run]:
+    """The runs of ``paths`` that can be members (train and eval runs); with ``strict``, a
+    warning names each one that cannot."""
+    runs = []
+    for path in paths:
+        run = read_run(path)
+        if run.task in MEMBER_TASKS:
+            runs.append(run)
+        elif strict:
+            log.warning("%s is a task=%s run, not a member: skipped.", path, run.task)
+    return runs
+
+
+def _report_group(
+    group: Group, out_dir: Path, *, several: bool, plots: bool, strict: bool
+) -> Path | None:
+    """One setting's report in ``out_dir``: its ``report.md``, or ``None`` (logged) when the
+    group has too few members or they do not match (with ``strict``, that raises)."""
+    members = group.members
+    for run in group.left_out:
+        log.warning("Left out of the ensemble: %s (%s): %s", run.label, run.path, run.reason)
+    if len(members) < MIN_MEMBERS:
+        log.warning(
+            "No ensemble report%s: %d member(s) finished (%s); it needs at least %d.",
+            f" for {group.title}" if several else "",
+            len(members),
+            ", ".join(r.label for r in members) or "none",
+            MIN_MEMBERS,
+        )
+        return None
+    try:
+        predictions = load_members(members)
+        for preds in predictions.values():
+            check_members(members, preds)
+    except UserError as err:
+        if strict:
+            raise
+        log.error("No ensemble report%s: %s", f" for {group.title}" if several else "", err)
+        return None
+    report = build_report(group, predictions)
+    path = write_report(report, predictions, out_dir, plots=plots)
+    print_table(report)
+    log.info("Ensemble report: %s", path)
+    return path
+
+
+def _no_ensemble_error(groups: list[Group], *, n_runs: int) -> UserError:
+    """Why no setting gave a report: too few finished runs, or runs differing in more than
+    the seed (the keys they differ in)."""
+    keys = differing_keys([g.setting for g in groups])
+    detail = (
+        f" The runs differ in more than the seed: {', '.join(keys[:8])}"
+        f"{' ...' if len(keys) > 8 else ''}; members of an ensemble share everything else."
+        if keys
+        else ""
+    )
+    return UserError(
+        f"No ensemble: no setting has {MIN_MEMBERS} finished runs among the "
+        f"{n_runs} given.{detail} Give runs of one multirun over seeds."
+    )
 
 
 def ensemble_task(cfg) -> tuple[dict, dict]:

@@ -1,4 +1,5 @@
-"""Figures of the ensemble report: reliability diagram and confusion matrix (PNG, matplotlib).
+"""The ensemble report's reliability diagram (PNG, matplotlib); its confusion matrix is
+:func:`lightning_modules.figures.model_figures.plot_confusion`, as in ``task=visualize``.
 
 Drawn on a bare ``matplotlib.figure.Figure``: no pyplot, no GUI backend, nothing global.
 """
@@ -59,37 +60,5 @@ def reliability_figure(
             ylim=(0, 1.03),
         )
         ax.legend(fontsize=7, loc="lower right")
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def confusion_figure(
-    path: Path, probs: np.ndarray, targets: np.ndarray, class_names: list[str], *, title: str
-) -> Path:
-    """Counts of (true class, predicted class), annotated when there are at most 30 classes."""
-    from matplotlib.figure import Figure
-
-    n = len(class_names)
-    counts = np.zeros((n, n), dtype=np.int64)
-    np.add.at(counts, (np.asarray(targets), np.asarray(probs).argmax(1)), 1)
-    side = min(3.0 + 0.35 * n, 16.0)
-    fig = Figure(figsize=(side + 1, side), layout="constrained")
-    ax = fig.subplots()
-    image = ax.imshow(counts, cmap="Blues")
-    fig.colorbar(image, ax=ax, shrink=0.8)
-    ticks = np.arange(n)
-    ax.set_xticks(ticks, class_names, rotation=90 if n > 10 else 0, fontsize=8)
-    ax.set_yticks(ticks, class_names, fontsize=8)
-    ax.set(
-        xlabel="predicted",
-        ylabel="true",
-        title=f"{title}: accuracy {np.trace(counts) / counts.sum() * 100:.2f} %",
-    )
-    if n <= 30:
-        threshold = counts.max() / 2
-        for (i, j), value in np.ndenumerate(counts):
-            if value:
-                color = "white" if value > threshold else "black"
-                ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color=color)
     fig.savefig(path, dpi=110)
     return path

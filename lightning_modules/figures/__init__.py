@@ -1,0 +1,1 @@
+"""Pictures of a model and of a verdict (matplotlib, imported only when drawing)."""

@@ -1,0 +1,175 @@
+"""``task=train`` (the default): fit a model, test its best checkpoint, write the run's files.
+
+python run.py                          # one model with conf/config.yaml
+python run.py -m seed=1,2,3            # three seeds, then the seed ensemble's report
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from datamodules.errors import UserError
+from tasks.instantiate import instantiate, instantiate_all, tta_callback
+from tasks.outcome import summary
+from tasks.seed import seed_run
+
+log = logging.getLogger("run")
+
+
+def train(cfg: DictConfig) -> tuple[dict, dict]:
+    """Fit a model, test its best checkpoint, write ``metrics.json`` and test predictions.
+
+    Returns:
+        ``(metrics, objects)``: the final metrics (also in ``<run dir>/metrics.json``) and the
+        instantiated ``cfg``, ``datamodule``, ``model`` and ``trainer``.
+    """
+    from tasks.config_checks import check_config
+
+    check_config(cfg)  # before any data is loaded
+    out_dir = Path(cfg.paths.output_dir)
+    seed = seed_run(cfg.seed)
+    datamodule = instantiate(cfg.data, seed=seed, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model, finetuning = build_model(cfg, datamodule)
+    unfreeze = instantiate(finetuning.callback) if finetuning.callback else None
+    tta = tta_callback(cfg, datamodule)
+    trainer = _trainer(cfg, datamodule, seed, extra=[unfreeze, tta])
+
+    log.info("Run directory: %s", out_dir)
+    fit_data = datamodule
+    if finetuning.cache_features:  # frozen backbone: train the head on features computed once
+        from datamodules.feature_cache import feature_data
+        from lightning_modules.layer_groups import layer_groups
+
+        fit_data = feature_data(
+            model,
+            datamodule,
+            head=layer_groups(model.net)[-1].param_names,
+            unfreeze=unfreeze,
+            trainer=trainer,
+            cache_dir=Path(cfg.paths.data_dir) / "cache" / "features",
+        )
+    trainer.fit(model, datamodule=fit_data, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    metrics = {"seed": seed, "split_seed": datamodule.split_seed, **_scalars(trainer)}
+
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+    if best is None:
+        log.warning("No best checkpoint (no ModelCheckpoint callback): testing the final weights.")
+    # on images (with TTA) even when the head trained on features
+    trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
+    metrics.update(_scalars(trainer))
+    metrics["best_ckpt"] = str(Path(best).relative_to(out_dir)) if best else None
+    metrics["epochs"] = trainer.current_epoch
+    metrics["finetune"] = finetuning.strategy
+    if trainer.is_global_zero:
+        _write_outputs(out_dir, metrics, datamodule=datamodule, model=model, tta=tta)
+    log.info("Seed %s: %s", seed, summary(metrics))
+    return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+
+
+def _trainer(cfg: DictConfig, datamodule, seed: int, *, extra: list):
+    """The Trainer with the run's loggers and callbacks: the configured ones, the step seed, the
+    data contract, and ``extra`` (the unfreeze and TTA callbacks, None when not used)."""
+    from callbacks.data_contract import DataContract
+    from callbacks.step_seed import StepSeed
+    from lightning_modules.data_contract import check_resume
+    from tasks.tracking import loggable_config
+
+    loggers = instantiate_all(cfg.get("logger"))
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    callbacks.append(StepSeed(seed))
+    contract = DataContract.of_run(cfg, datamodule, Path(cfg.paths.output_dir))
+    if cfg.get("ckpt_path"):  # resuming: the checkpoint must be of this very setting
+        check_resume(cfg.ckpt_path, contract.contract)
+    callbacks += [contract, *(c for c in extra if c is not None)]
+    if not loggers:
+        callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(loggable_config(cfg))
+    return trainer
+
+
+def _write_outputs(out_dir: Path, metrics: dict, *, datamodule, model, tta) -> None:
+    """Test predictions (a file per task for multi-task data), then ``metrics.json``."""
+    from lightning_modules.run_outputs import save_test_results, write_metrics
+
+    if getattr(datamodule, "tasks", None) is not None:
+        from lightning_modules.multitask import save_task_predictions
+
+        ids = datamodule.ids("test")
+        save_task_predictions(out_dir, "test", model.test_outputs, ids=ids, tasks=model.tasks)
+    else:
+        save_test_results(out_dir, metrics, datamodule=datamodule, model=model, tta=tta)
+    write_metrics(out_dir, metrics)
+
+
+def build_model(cfg: DictConfig, datamodule):
+    """The model for ``datamodule``'s classes, its weights, and the fine-tuning strategy."""
+    from lightning_modules.data_contract import check_no_leak
+    from lightning_modules.finetune import build_finetuning
+    from lightning_modules.layer_groups import layer_groups
+    from lightning_modules.weights import load_weights, renew_hub_head
+
+    weights = cfg.model.get("weights")
+    has_weights = bool(weights or cfg.model.get("pretrained"))
+    if cfg.finetune.get("name") == "scratch" and has_weights:
+        pretrained = False  # scratch means random init: don't download what won't be used
+    else:
+        pretrained = bool(cfg.model.get("pretrained"))
+    data_kwargs = _data_kwargs(cfg, datamodule)
+    model = instantiate(cfg.model, **data_kwargs, pretrained=pretrained)
+    head = {"class_names": data_kwargs.get("class_names"), "tasks": data_kwargs.get("tasks")}
+    if pretrained and head["tasks"] is None:
+        renew_hub_head(model.net, head["class_names"])
+    finetuning = build_finetuning(
+        cfg.finetune,
+        has_weights=has_weights,
+        train_targets=datamodule.datasets["train"].targets,
+        n_backbone_groups=len(layer_groups(model.net)) - 1,
+    )
+    log.info("Fine-tuning: %s", finetuning.reason)
+    if weights and finetuning.use_weights:
+        report = load_weights(model.net, weights, **head)
+        check_no_leak(
+            report.contract,
+            datamodule,
+            allow=bool(cfg.get("allow_split_overlap")),
+            weights=weights,
+        )
+    return model, finetuning
+
+
+def _data_kwargs(cfg: DictConfig, datamodule) -> dict:
+    """What the model learns from the data: classes, or the tasks of multi-task data."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    tasks = getattr(datamodule, "tasks", None)
+    takes_tasks = "tasks" in inspect.signature(get_class(cfg.model._target_)).parameters
+    if takes_tasks and tasks is None:
+        raise UserError(
+            "A multi-task model needs a label column per task: use data=csv (or "
+            "experiment=multitask), or model=classifier for this data."
+        )
+    if tasks is not None and not takes_tasks:
+        raise UserError(
+            f"This data has several tasks ({', '.join(tasks)}): use model=multitask, whose "
+            "heads and losses follow them."
+        )
+    if tasks is not None:
+        return {"tasks": tasks, "_convert_": "all"}
+    return {
+        "num_classes": datamodule.num_classes,
+        "class_names": datamodule.class_names,
+        "_convert_": "all",
+    }
+
+
+def _scalars(trainer) -> dict:
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
