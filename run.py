@@ -9,8 +9,8 @@
     python run.py --help                   # config groups and options
     python run.py --cfg job                # the composed config, without running
 
-What happens here and nowhere else: ``resume=`` becomes overrides, a re-launched multirun skips
-its finished members, a job's value goes back to the sweeper, and errors become exit codes (a
+What happens here and nowhere else: ``resume=`` becomes overrides, a directory that already
+holds a run is continued, skipped or refused (``tasks/run_dir.py``), a job's value goes back to the sweeper, and errors become exit codes (a
 user's mistake: one line on stderr and exit 2; in a multirun the job is marked failed and the
 sweep goes on). Only Hydra and OmegaConf are imported at start-up.
 """
@@ -27,7 +27,8 @@ from datamodules.errors import UserError
 from tasks import run_task
 from tasks.instantiate import user_error
 from tasks.outcome import objective, record_failure
-from tasks.resume import completed_member, resume_argv
+from tasks.resume import resume_argv
+from tasks.run_dir import check_run_dir
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -36,7 +37,11 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.types import RunMode
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    done = completed_member(cfg, multirun=multirun)
+    try:  # a directory that holds a run: continue it, skip it or refuse, before any work
+        done = check_run_dir(cfg, multirun=multirun, output_subdir=HydraConfig.get().output_subdir)
+    except UserError as err:  # never a failed.json in another run's directory
+        print(f"Error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     if done is not None:
         return objective(done, cfg.get("optimized_metric"))
     try:

@@ -20,6 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.errors import UserError
 
+
+def _hydra_subdir(output_dir: str) -> str:
+    from tasks.run_dir import hydra_subdir
+
+    return hydra_subdir(output_dir)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
@@ -29,6 +36,10 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 OmegaConf.register_new_resolver(
     "run_id", lambda: uuid.uuid4().hex[:6], use_cache=True, replace=True
 )
+
+# `hydra.output_subdir`: `.hydra`, or `.hydra/relaunch-<time>` for a directory that already holds
+# a run, whose own record is never rewritten (tasks/run_dir.py)
+OmegaConf.register_new_resolver("hydra_subdir", _hydra_subdir, use_cache=False, replace=True)
 
 # task= value -> "module:function", imported only when chosen, so one task's dependencies
 # never slow down another.

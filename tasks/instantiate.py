@@ -32,11 +32,20 @@ def instantiate_all(group: DictConfig | None, **kwargs) -> list:
 
 
 def user_error(err: BaseException | None) -> UserError | None:
-    """The UserError behind ``err`` (Hydra wraps errors raised while instantiating), or None."""
+    """The UserError behind ``err`` (Hydra wraps errors raised while instantiating), or None;
+    a mandatory config value left unset counts as one."""
+    from omegaconf.errors import MissingMandatoryValue
+
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, UserError):
             return err
+        if isinstance(err, MissingMandatoryValue):  # a `???` in the config that nobody set
+            key = getattr(err, "full_key", None) or "a key"
+            return UserError(
+                f"{key} has no value (it is ??? in the config): set it on the command line, "
+                f"e.g. {key}=<value>."
+            )
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -23,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from datamodules.errors import UserError
 from lightning_modules.tta import TestTimeAugmentation
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
     from tasks.seed import seed_run
 
     folder, files = image_files(cfg.predict.get("input"), option="predict.input")
+    output = output_file(cfg)  # checked before any work: predictions are never lost
     seed_run(cfg.seed)
     checkpoints = find_checkpoints(cfg.get("ckpt_path"))
     model, contract = load_model(checkpoints, with_contract=True)
@@ -84,7 +87,6 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
     readable = torch.cat([b["readable"] for b in batches])
     index = torch.cat([b["index"] for b in batches])
 
-    output = Path(cfg.predict.get("output") or Path(cfg.paths.output_dir) / "predictions.csv")
     rows = write_csv(output, [files[i] for i in index.tolist()], probs, readable, class_names)
     skipped = [
         str(files[i]) for i, ok in zip(index.tolist(), readable.tolist(), strict=True) if not ok
@@ -101,14 +103,43 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
     return metrics, {"cfg": cfg, "model": model, "trainer": trainer, "probs": probs}
 
 
+def output_file(cfg: DictConfig) -> Path:
+    """Where the CSV goes (``predict.output``, else ``<run dir>/predictions.csv``), refused
+    before predicting when it cannot be written: a folder, or a folder that cannot be made."""
+    given = cfg.predict.get("output")
+    path = (
+        Path(str(given)).expanduser() if given else Path(cfg.paths.output_dir) / "predictions.csv"
+    )
+    if path.is_dir():
+        raise UserError(
+            f"predict.output={str(given)!r} is a folder: give a file name, e.g. "
+            f"predict.output={path / 'predictions.csv'}."
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"Cannot write predictions to '{path}' ({err.strerror}): set predict.output to a "
+            "file in a folder you can write to."
+        ) from err
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(
+            f"Cannot write predictions to '{path}' (the folder is not writable): set "
+            "predict.output to a file in a folder you can write to."
+        )
+    return path
+
+
 def write_csv(
     path: Path, files: list[Path], probs: torch.Tensor, readable: torch.Tensor, class_names
 ) -> int:
-    """One row per readable image: path, predicted class, confidence, per-class probabilities."""
+    """One row per readable image: path, predicted class, confidence, per-class probabilities;
+    written to ``<path>.tmp`` and renamed, so ``path`` is never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     confidence, predicted = probs.max(1)
     count = 0
-    with open(path, "w", newline="") as fh:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "predicted", "confidence", *(f"prob_{c}" for c in class_names)])
         for i, file in enumerate(files):
@@ -123,4 +154,5 @@ def write_csv(
                 ]
             )
             count += 1
+    os.replace(tmp, path)
     return count

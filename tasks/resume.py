@@ -1,13 +1,10 @@
-"""Continuing work: ``resume=<run dir>``, and the members a re-launched multirun already has."""
+"""``resume=<run dir>``: continue a stopped run in its own directory, from its last checkpoint."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
-
-from omegaconf import DictConfig, open_dict
 
 from datamodules.errors import UserError
 
@@ -48,25 +45,3 @@ def resume_argv(argv: list[str]) -> list[str]:
         extra.append(f"logger.csv.version=resume-{stamp}")
     log.info("Resuming %s from %s", run_dir, last)
     return [argv[0], *original, *now, *extra]
-
-
-def completed_member(cfg: DictConfig, *, multirun: bool) -> dict | None:
-    """In a re-launched multirun, the metrics of a member that already finished (else None).
-
-    A member that stopped part-way (``last.ckpt`` but no ``metrics.json``) is set to continue
-    from its last checkpoint, its earlier CSV metrics kept.
-    """
-    if cfg.get("force") or cfg.task != "train" or not multirun:
-        return None
-    done = Path(cfg.paths.output_dir) / "metrics.json"
-    last = done.parent / "checkpoints" / "last.ckpt"
-    if not done.is_file():
-        if last.is_file() and not cfg.get("ckpt_path"):  # interrupted: continue where it stopped
-            log.info("Resuming the interrupted member %s from %s", done.parent, last)
-            with open_dict(cfg):
-                cfg.ckpt_path = str(last)
-                if cfg.get("logger") and cfg.logger.get("csv"):  # keep the earlier metrics.csv
-                    cfg.logger.csv.version = time.strftime("resume-%Y-%m-%d_%H-%M-%S")
-        return None
-    log.info("Skipping %s: already complete (force=true re-runs it)", done.parent)
-    return json.loads(done.read_text())

@@ -73,16 +73,23 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
 def _trainer(cfg: DictConfig, datamodule, seed: int, *, extra: list):
     """The Trainer with the run's loggers and callbacks: the configured ones, the step seed, the
-    data contract, and ``extra`` (the unfreeze and TTA callbacks, None when not used)."""
+    stop on a non-finite loss, the data contract, and ``extra`` (the unfreeze and TTA callbacks, None when not used)."""
     from callbacks.data_contract import DataContract
+    from callbacks.non_finite_loss import StopOnNonFiniteLoss
     from callbacks.step_seed import StepSeed
     from lightning_modules.data_contract import check_resume
     from tasks.tracking import loggable_config
 
     loggers = instantiate_all(cfg.get("logger"))
     callbacks = instantiate_all(cfg.get("callbacks"))
-    callbacks.append(StepSeed(seed))
+    callbacks += [StepSeed(seed), StopOnNonFiniteLoss()]
     contract = DataContract.of_run(cfg, datamodule, Path(cfg.paths.output_dir))
+    if cfg.get("ckpt_path") and Path(str(cfg.ckpt_path)).expanduser().is_dir():
+        raise UserError(
+            f"ckpt_path={cfg.ckpt_path} is a folder: training resumes from a checkpoint file "
+            "(<run>/checkpoints/last.ckpt); to continue a run in its own directory use "
+            f"resume={cfg.ckpt_path}."
+        )
     if cfg.get("ckpt_path"):  # resuming: the checkpoint must be of this very setting
         check_resume(cfg.ckpt_path, contract.contract)
     callbacks += [contract, *(c for c in extra if c is not None)]
@@ -164,6 +171,11 @@ def _data_kwargs(cfg: DictConfig, datamodule) -> dict:
         )
     if tasks is not None:
         return {"tasks": tasks, "_convert_": "all"}
+    if datamodule.num_classes < 2:
+        raise UserError(
+            f"The data has {datamodule.num_classes} class ({datamodule.class_names}): a "
+            "classifier needs at least two. Check data.classes, or data.root's class folders."
+        )
     return {
         "num_classes": datamodule.num_classes,
         "class_names": datamodule.class_names,
