@@ -136,3 +136,56 @@ def test_training_from_a_run_folder_says_to_resume_it(tmp_path):
     cfg = compose_cfg(tmp_path, [f"ckpt_path={folder}"])
     with pytest.raises(UserError, match=f"use resume={folder}"):
         train(cfg)
+
+
+@pytest.mark.slow
+def test_a_second_launch_into_a_busy_sweep_dir_is_refused_naming_the_holder(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    sweep = tmp_path / "sweep"
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), "-m", "seed=1,2", *TINY, f"hydra.sweep.dir={sweep}"],
+        cwd=ROOT,
+        env={**os.environ, **ONE_THREAD},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lock = sweep / ".lock"
+    deadline = time.time() + 60
+    while not lock.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert lock.exists(), "the first launch never took its lock"
+    second = run_cli("-m", "seed=1,2", *TINY, f"hydra.sweep.dir={sweep}", env=ONE_THREAD)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert second.returncode == 2
+    (error,) = _errors(second)
+    assert f"pid {first.pid}" in error and "is in use by another launch" in error
+    assert not lock.exists()  # released at the end
+    for job in ("0", "1"):  # the first launch's members are whole and alone
+        assert (sweep / job / "metrics.json").is_file()
+        assert not (sweep / job / "failed.json").exists()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from tasks.hydra_callbacks.directory_lock import acquire, release
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+    path = acquire(tmp_path)
+    assert json.loads(path.read_text())["pid"] != dead.pid
+    with pytest.raises(SystemExit):  # now held by this (live) process: a second taker is refused
+        acquire(tmp_path)
+    release(path)
+    assert not path.exists()

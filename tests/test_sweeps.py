@@ -215,3 +215,27 @@ def test_slurm_launcher_settings_reach_sbatch(tmp_path, monkeypatch):
     assert sbatch["--gpus-per-node"] == "4"
     assert sbatch["--time"] == "90" and sbatch["--mem"] == "64GB"
     assert sbatch["--output"].startswith(str(tmp_path / "sweep" / ".submitit"))
+
+
+@pytest.mark.slow
+def test_optuna_takes_a_search_range_from_the_command_line_as_documented(tmp_path):
+    """docs/tracking-sweeps-scaling.md: `'model.drop_rate=interval(0.1,0.3)'`."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "-m",
+        "hparams_search=optuna",
+        "model.drop_rate=interval(0.1,0.3)",
+        "hydra.sweeper.n_trials=2",
+        *TINY,
+        f"hydra.sweep.dir={sweep}",
+        env=ONE_THREAD,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rates = [
+        float(o.split("=", 1)[1])
+        for job in ("0", "1")
+        for o in yaml.safe_load((sweep / job / ".hydra" / "overrides.yaml").read_text())
+        if o.startswith("model.drop_rate=")
+    ]
+    assert len(rates) == 2 and all(0.1 <= r <= 0.3 for r in rates)
