@@ -75,6 +75,40 @@ def wandb_mode(
     return chosen, why
 
 
+WANDB_URL = "https://api.wandb.ai"
+REACH_TIMEOUT_S = 3.0  # how long a tracker's server may take to accept a connection
+
+
+def reachable(url: str, *, timeout: float = REACH_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to ``url``'s host and port opens within ``timeout`` seconds
+    (a compute node without network answers False at once or after ``timeout``)."""
+    import socket
+
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _online_if_reachable(chosen: str, why: str, *, save_dir) -> tuple[str, str]:
+    """``online`` stays online only when wandb's server answers; else offline, with one warning
+    and the command that uploads the run later (training never waits on a tracker)."""
+    url = os.environ.get("WANDB_BASE_URL") or WANDB_URL
+    if chosen != "online" or reachable(url):
+        return chosen, why
+    host = urlparse(url).hostname
+    log.warning(
+        "wandb: %s cannot be reached (no network?): this run logs offline; upload it later "
+        "with `wandb sync %s/wandb/offline-run-*`. Training is not affected.",
+        host,
+        save_dir,
+    )
+    return "offline", f"{why}, but {host} cannot be reached"
+
+
 def _check_mode(mode: str, source: str) -> str:
     value = _MODE_ALIASES.get(str(mode).lower(), str(mode).lower())
     if value not in WANDB_MODES:
@@ -204,7 +238,7 @@ def wandb_logger(
     wandb = _require("wandb", "wandb")
     from pytorch_lightning.loggers import WandbLogger
 
-    chosen, why = wandb_mode(mode)
+    chosen, why = _online_if_reachable(*wandb_mode(mode), save_dir=save_dir)
     where = {
         "online": "to wandb and to <run dir>/wandb/",
         "offline": "to <run dir>/wandb/offline-run-*; upload them later with `wandb sync <dir>`",

@@ -95,3 +95,15 @@ def test_classes_subset_and_max_per_class(tmp_path):
     assert sorted(np.bincount(train_targets).tolist()) == [3, 3]
     with pytest.raises(UserError, match="not a class"):
         dm_for(ImageFolderSource(root=str(root)), classes=["zebra"]).setup()
+
+
+def test_hidden_class_folders_and_non_image_files_are_named_in_a_warning(tmp_path, caplog):
+    root = make_folder(tmp_path / "data", {"cat": 6, "dog": 6, ".cache": 3})
+    (root / "cat" / "notes.txt").write_text("not an image")
+    with caplog.at_level("WARNING"):
+        dm = dm_for(ImageFolderSource(root=root))
+        dm.setup("fit")
+    assert dm.class_names == ["cat", "dog"]
+    text = caplog.text
+    assert "hidden folder(s)" in text and ".cache" in text
+    assert "not images" in text and "cat/notes.txt" in text

@@ -254,3 +254,44 @@ def test_csv_and_mlflow_together_log_the_run_into_a_local_file_store(cfg_factory
     assert (run / "params" / "model" / "backbone").read_text() == "test_resnet"
     last = (run / "metrics" / "test" / "acc").read_text().split()
     assert float(last[1]) == pytest.approx(metrics["test/acc"])
+
+
+@pytest.mark.slow
+def test_a_wandb_key_without_network_trains_and_logs_offline(tmp_path):
+    """A well-formed key on a node without network: one warning, an offline run, no waiting."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    env.update(ONE_THREAD)
+    env["WANDB_API_KEY"] = "0123456789abcdef0123456789abcdef01234567"  # well-formed, fake
+    env["WANDB_BASE_URL"] = "http://127.0.0.1:9"  # nothing listens: as unreachable as no network
+    start = time.time()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            *FAST,
+            "logger=wandb",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            "tta=none",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    elapsed = time.time() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "cannot be reached" in output and "wandb sync" in output
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert read_metrics(tmp_path / "run")["test/acc"] > 0
+    assert elapsed < 120, elapsed  # not the ~90 s wandb waits per member, on top of the run

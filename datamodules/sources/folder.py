@@ -60,6 +60,50 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
+def _warn_ignored(root: Path, classes: list[str], skipped: list[Path]) -> None:
+    """One warning each for hidden folders, non-image files and unreadable images of ``root``."""
+    hidden = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("."))
+    if hidden:
+        log.warning(
+            "Ignored %d hidden folder(s) in '%s' (names starting with '.'): %s; rename them to "
+            "use them as classes.",
+            len(hidden),
+            root,
+            ", ".join(hidden[:10]),
+        )
+    others = [p for name in classes for p in _other_files(root / name)]
+    if others:
+        log.warning(
+            "Ignored %d file(s) in '%s' that are not images (%s): %s%s",
+            len(others),
+            root,
+            ", ".join(IMAGE_EXTENSIONS),
+            ", ".join(str(p.relative_to(root)) for p in others[:10]),
+            f" and {len(others) - 10} more" if len(others) > 10 else "",
+        )
+    if skipped:
+        shown = ", ".join(str(p.relative_to(root)) for p in skipped[:10])
+        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        log.warning(
+            "Skipped %d unreadable file(s) in '%s' (empty, not an image or corrupt): %s%s",
+            len(skipped),
+            root,
+            shown,
+            more,
+        )
+
+
+def _other_files(folder: Path) -> list[Path]:
+    """Files below ``folder`` that :func:`list_images` leaves out for their extension."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() not in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
 def check_images(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     """Split ``paths`` into readable images and unreadable files (empty, not an image, corrupt).
 
@@ -113,16 +157,7 @@ def scan_class_folder(root: str | Path, *, class_names: list[str] | None = None)
             )
         paths += files
         targets += [index] * len(files)
-    if skipped:
-        shown = ", ".join(str(p.relative_to(root)) for p in skipped[:10])
-        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        log.warning(
-            "Skipped %d unreadable file(s) in '%s' (empty, not an image or corrupt): %s%s",
-            len(skipped),
-            root,
-            shown,
-            more,
-        )
+    _warn_ignored(root, found, skipped)
     if class_names is None and len(found) < 2:
         raise UserError(
             f"Image folder '{root}' has a single class ('{found[0]}'): a classifier needs at "
