@@ -53,8 +53,24 @@ TASKS = {
 }
 
 
+def standard_start_method() -> None:
+    """Loader workers start the standard way, also in a joblib (loky) worker, whose own default
+    start method cannot start a plain ``multiprocessing.Process`` (the data loader's workers)."""
+    import multiprocessing
+    import sys
+
+    if multiprocessing.get_start_method(allow_none=True) not in (
+        None,
+        "fork",
+        "spawn",
+        "forkserver",
+    ):
+        multiprocessing.set_start_method("fork" if sys.platform == "linux" else "spawn", force=True)
+
+
 def run_task(cfg: DictConfig) -> tuple[dict, dict]:
     """Run ``cfg.task``: ``(metrics, objects)``; a user mistake raises :class:`UserError`."""
+    standard_start_method()
     target = TASKS.get(cfg.task)
     if target is None:
         raise UserError(f"Unknown task '{cfg.task}': choose one of {', '.join(TASKS)}.")

@@ -239,3 +239,26 @@ def test_optuna_takes_a_search_range_from_the_command_line_as_documented(tmp_pat
         if o.startswith("model.drop_rate=")
     ]
     assert len(rates) == 2 and all(0.1 <= r <= 0.3 for r in rates)
+
+
+@pytest.mark.slow
+def test_joblib_jobs_use_loader_workers_as_documented(tmp_path):
+    """`python run.py -m hydra/launcher=joblib hydra.launcher.n_jobs=3 seed=1,2,3` with the default
+    data settings (loader worker processes inside joblib's own worker processes)."""
+    sweep = tmp_path / "sweep"
+    with_workers = [o for o in TINY if not o.startswith("data.num_workers")]
+    proc = run_cli(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "seed=1,2",
+        *with_workers,
+        f"hydra.sweep.dir={sweep}",
+        env=ONE_THREAD,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("0", "1"):
+        config = yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())
+        assert config["data"]["num_workers"] >= 1  # the default, not the tests' in-process loading
+        assert read_metrics(sweep / job)["test/acc"] > 0
