@@ -262,3 +262,26 @@ def test_joblib_jobs_use_loader_workers_as_documented(tmp_path):
         config = yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())
         assert config["data"]["num_workers"] >= 1  # the default, not the tests' in-process loading
         assert read_metrics(sweep / job)["test/acc"] > 0
+
+
+@pytest.mark.slow
+def test_an_optuna_study_stopped_and_resumed_from_its_storage(tmp_path):
+    """`hydra.sweeper.storage=sqlite:///optuna.db` keeps the study: a second launch adds to it."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    for launch in (1, 2):
+        proc = run_cli(
+            "-m",
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=1",
+            f"hydra.sweeper.storage={storage}",
+            "hydra.sweeper.study_name=resumable",
+            *TINY,
+            f"hydra.sweep.dir={tmp_path}/sweep{launch}",
+            env=ONE_THREAD,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="resumable", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
