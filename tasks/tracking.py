@@ -277,9 +277,14 @@ def mlflow_logger(
     run_name: str | None = None,
     seed: Any = None,
     tags: Mapping[str, Any] | None = None,
+    save_dir: str | Path | None = None,
     **kwargs: Any,
 ):
     """A Lightning ``MLFlowLogger``; runs tagged with :func:`run_labels`' group and job type.
+
+    An ``http(s)`` ``tracking_uri`` whose server does not answer within a few seconds (a compute
+    node without network) is replaced, with one warning, by a local file store in ``save_dir``
+    (default: the working directory): the run is logged, and training never waits on it.
 
     A ``file:`` ``tracking_uri`` is MLflow's local file store (no server): MLflow 3 only accepts
     it with ``MLFLOW_ALLOW_FILE_STORE=true``, which is set here for this process.
@@ -287,6 +292,15 @@ def mlflow_logger(
     _require("mlflow", "mlflow-skinny")
     from pytorch_lightning.loggers import MLFlowLogger
 
+    if tracking_uri.startswith(("http://", "https://")) and not reachable(tracking_uri):
+        local = f"file:{Path(save_dir or '.').resolve()}/mlruns"
+        log.warning(
+            "mlflow: %s cannot be reached (no network?): this run logs to the local store %s "
+            "instead. Training is not affected.",
+            tracking_uri,
+            local,
+        )
+        tracking_uri = local
     if tracking_uri.startswith("file:"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         Path(tracking_uri[len("file:") :]).expanduser().mkdir(parents=True, exist_ok=True)

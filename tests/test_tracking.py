@@ -295,3 +295,17 @@ def test_a_wandb_key_without_network_trains_and_logs_offline(tmp_path):
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert read_metrics(tmp_path / "run")["test/acc"] > 0
     assert elapsed < 120, elapsed  # not the ~90 s wandb waits per member, on top of the run
+
+
+def test_an_unreachable_mlflow_server_falls_back_to_the_local_store(tmp_path, caplog):
+    from tasks.tracking import mlflow_logger
+
+    with caplog.at_level("WARNING"):
+        logger = mlflow_logger(
+            tracking_uri="http://127.0.0.1:9",  # nothing listens there
+            experiment_name="e",
+            save_dir=tmp_path,
+        )
+    assert logger._tracking_uri == f"file:{tmp_path.resolve()}/mlruns"
+    assert "cannot be reached" in caplog.text
+    assert (tmp_path / "mlruns").is_dir()
