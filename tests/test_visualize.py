@@ -209,3 +209,27 @@ def test_multi_task_heads_are_explained_one_task_at_a_time(tmp_path):
     assert metrics["images"] == 2 and "confusion_matrix" in paths
     with pytest.raises(UserError, match="not a task"):
         head_of(model, "height")
+
+
+@pytest.mark.slow
+def test_unreadable_files_among_the_images_are_skipped_and_named(trained_run, tmp_path, caplog):
+    from PIL import Image
+
+    from datamodules.sources import DigitsSource
+    from tasks import run_task
+
+    data = DigitsSource().load().train
+    folder = tmp_path / "images" / "3"
+    folder.mkdir(parents=True)
+    Image.fromarray(data.load(3).permute(1, 2, 0).numpy()).save(folder / "good.png")
+    whole = (folder / "good.png").read_bytes()
+    (folder / "truncated.png").write_bytes(whole[: len(whole) // 3])  # loads, grey where cut
+    (folder / "empty.png").write_bytes(b"")
+    cfg = compose_cfg(
+        tmp_path / "run",
+        ["task=visualize", f"ckpt_path={trained_run}", f"visualize.images={folder.parent}", *SMALL],
+    )
+    with caplog.at_level("WARNING"):
+        metrics, _ = run_task(cfg)
+    assert "Skipped 1 unreadable file(s)" in caplog.text and "3/empty.png" in caplog.text
+    assert metrics["images"] == 2  # good and truncated, both labelled 3

@@ -141,10 +141,23 @@ def split_images(datamodule, split: str, head: Head) -> ImageSet:
 
 
 def folder_images(folder: str | Path, transform, class_names: Sequence[str]) -> ImageSet:
-    """Image files below ``folder``; a first-level sub-folder named like a class labels them."""
+    """Image files below ``folder``; a first-level sub-folder named like a class labels them.
+    Unreadable files (empty, not an image, corrupt) are skipped and named in one warning."""
     from datamodules.image_files import ImageFiles, folder_targets, image_files
+    from datamodules.sources.folder import check_images
 
     root, paths = image_files(folder, option="visualize.images")
+    paths, skipped = check_images(paths)
+    if skipped:
+        log.warning(
+            "Skipped %d unreadable file(s) in '%s': %s%s",
+            len(skipped),
+            root,
+            ", ".join(str(p.relative_to(root)) for p in skipped[:10]),
+            " ..." if len(skipped) > 10 else "",
+        )
+    if not paths:
+        raise UserError(f"visualize.images='{root}' holds no readable images.")
     targets = folder_targets(root, paths, class_names)
     labelled = any(t >= 0 for t in targets)
     return ImageSet(
