@@ -189,3 +189,12 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
         acquire(tmp_path)
     release(path)
     assert not path.exists()
+
+
+def test_an_unwritable_log_dir_is_one_error_line(tmp_path):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")  # nothing can be created below a file, not even by root
+    proc = run_cli(*TINY, f"paths.log_dir={blocked}/logs")
+    assert proc.returncode == 2
+    assert [line.startswith("Error: Cannot write to") for line in _errors(proc)] == [True]
+    assert "set paths.log_dir" in proc.stderr and "Traceback" not in proc.stderr

@@ -41,8 +41,12 @@ def _alive(pid: int) -> bool:
 
 
 def acquire(folder: Path) -> Path:
-    """Take ``folder/.lock``, or exit with status 2 and one line naming its holder."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Take ``folder/.lock``, or exit with status 2 and one line naming its holder (or why the
+    folder cannot be written: the first place a launch writes to it)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _cannot_write(folder, err)
     path = folder / LOCK_FILE
     me = {
         "host": socket.gethostname(),
@@ -72,11 +76,22 @@ def acquire(folder: Path) -> Path:
                 file=sys.stderr,
             )
             raise SystemExit(2) from None
+        except OSError as err:  # read-only mount, no permission
+            _cannot_write(folder, err)
         with os.fdopen(fd, "w") as fh:
             json.dump(me, fh)
         atexit.register(release, path)
         return path
     raise SystemExit(2)
+
+
+def _cannot_write(folder: Path, err: OSError):
+    print(
+        f"Error: Cannot write to '{folder}' ({err.strerror or err}): set paths.log_dir (or "
+        "hydra.run.dir / hydra.sweep.dir) to a folder you can write to.",
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
 
 
 def release(path: Path) -> None:
