@@ -36,9 +36,15 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from tasks.tracking import is_rank_zero
+
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    try:  # a directory that holds a run: continue it, skip it or refuse, before any work
-        done = check_run_dir(cfg, multirun=multirun, output_subdir=HydraConfig.get().output_subdir)
+    try:  # a directory that holds a run: continue it, skip it or refuse (rank 0 decides)
+        done = (
+            check_run_dir(cfg, multirun=multirun, output_subdir=HydraConfig.get().output_subdir)
+            if is_rank_zero()
+            else None
+        )
     except UserError as err:  # never a failed.json in another run's directory
         print(f"Error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

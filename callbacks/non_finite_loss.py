@@ -24,14 +24,14 @@ class StopOnNonFiniteLoss(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self._check(trainer, "training", loss)
+        # a skipped batch (None) counts as finite, but this rank still joins the DDP decision
+        self._check(trainer, "training", 0.0 if loss is None else loss)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         # before ModelCheckpoint (on_validation_end): a diverged model is never a "best"
         loss = trainer.callback_metrics.get("val/loss")
-        if loss is not None and not trainer.sanity_checking:
-            self._check(trainer, "validation", loss)
+        if not trainer.sanity_checking:
+            self._check(trainer, "validation", 0.0 if loss is None else loss)
 
     @staticmethod
     def _check(trainer, which: str, loss) -> None:

@@ -21,10 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.errors import UserError
 
 
-def _hydra_subdir(output_dir: str) -> str:
+def _hydra_subdir(output_dir: str, force=False) -> str:
     from tasks.run_dir import hydra_subdir
 
-    return hydra_subdir(output_dir)
+    return hydra_subdir(output_dir, bool(force))
 
 
 ROOT = Path(__file__).resolve().parents[1]

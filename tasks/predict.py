@@ -134,25 +134,28 @@ def write_csv(
     path: Path, files: list[Path], probs: torch.Tensor, readable: torch.Tensor, class_names
 ) -> int:
     """One row per readable image: path, predicted class, confidence, per-class probabilities;
-    written to ``<path>.tmp`` and renamed, so ``path`` is never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    written atomically (``run_outputs._atomic_write``), so ``path`` is never half-written."""
+    from lightning_modules.run_outputs import _atomic_write
+
     confidence, predicted = probs.max(1)
-    count = 0
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "predicted", "confidence", *(f"prob_{c}" for c in class_names)])
-        for i, file in enumerate(files):
-            if not readable[i]:
-                continue
+    rows = [
+        [
+            str(file.resolve()),
+            class_names[int(predicted[i])],
+            f"{float(confidence[i]):.6f}",
+            *(f"{float(p):.6f}" for p in probs[i]),
+        ]
+        for i, file in enumerate(files)
+        if readable[i]
+    ]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
             writer.writerow(
-                [
-                    str(file.resolve()),
-                    class_names[int(predicted[i])],
-                    f"{float(confidence[i]):.6f}",
-                    *(f"{float(p):.6f}" for p in probs[i]),
-                ]
+                ["path", "predicted", "confidence", *(f"prob_{c}" for c in class_names)]
             )
-            count += 1
-    os.replace(tmp, path)
-    return count
+            writer.writerows(rows)
+
+    _atomic_write(path, write)
+    return len(rows)

@@ -13,7 +13,8 @@ a run (single run)            is refused, unless it continues it (``resume=<run 
 a finished member (multirun)  skips it when its saved config is this one, else is refused
 an interrupted member         resumes it from ``last.ckpt`` when the config is this one,
                               else is refused
-a failed member               runs it again
+a failed member               runs it again (its ``failed.json`` removed, new ``.hydra/``)
+``force=true``                trains it anew (old ``metrics.json``/``failed.json`` removed)
 ============================  ==========================================================
 
 Configs are compared without the keys that cannot change a result: ``paths``, ``logger``,
@@ -56,11 +57,12 @@ def run_state(run_dir: str | Path) -> str | None:
 _RELAUNCHES: dict[str, str] = {}  # output dir -> its relaunch subdir, the same at every lookup
 
 
-def hydra_subdir(output_dir: str) -> str:
-    """``.hydra``, or ``.hydra/relaunch-<time>`` when ``output_dir`` already holds a run."""
+def hydra_subdir(output_dir: str, force: bool = False) -> str:
+    """``.hydra``, or ``.hydra/relaunch-<time>`` when ``output_dir`` already holds a run that
+    this launch does not replace (a failed member, or ``force=true``, is trained anew)."""
     if output_dir in _RELAUNCHES:
         return _RELAUNCHES[output_dir]
-    if run_state(output_dir) is None:
+    if force or run_state(output_dir) in (None, "failed"):
         return ".hydra"
     _RELAUNCHES[output_dir] = RELAUNCH + time.strftime("%Y-%m-%d_%H-%M-%S")
     return _RELAUNCHES[output_dir]
@@ -110,7 +112,11 @@ def check_run_dir(cfg: DictConfig, *, multirun: bool, output_subdir: str | None)
     """
     run_dir = Path(cfg.paths.output_dir)
     state = run_state(run_dir)
-    if state is None or cfg.get("force") or state == "failed":
+    if state is None:
+        return None
+    if cfg.get("force") or state == "failed":  # trained anew: no outcome of the last attempt stays
+        for name in ("metrics.json", "failed.json"):
+            (run_dir / name).unlink(missing_ok=True)
         return None
     resuming = bool(cfg.get("ckpt_path")) and _inside(cfg.ckpt_path, run_dir)
     if not multirun:

@@ -198,3 +198,17 @@ def test_an_unwritable_log_dir_is_one_error_line(tmp_path):
     assert proc.returncode == 2
     assert [line.startswith("Error: Cannot write to") for line in _errors(proc)] == [True]
     assert "set paths.log_dir" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_failed_member_run_again_leaves_only_its_new_outcome(tmp_path):
+    sweep = tmp_path / "sweep"
+    failed = run_cli("-m", "seed=1", *TINY, "model.optimizer.lr=1e6", f"hydra.sweep.dir={sweep}")
+    assert failed.returncode != 0 and (sweep / "0" / "failed.json").is_file()
+    again = run_cli("-m", "seed=1", *TINY, f"hydra.sweep.dir={sweep}", env=ONE_THREAD)
+    assert again.returncode == 0, again.stderr[-2000:]
+    job = sweep / "0"
+    assert (job / "metrics.json").is_file() and not (job / "failed.json").exists()
+    saved = (job / ".hydra" / "overrides.yaml").read_text()
+    assert "lr=1e6" not in saved  # the record is the attempt that produced the outcome
+    assert not list((job / ".hydra").glob("relaunch-*"))
