@@ -19,7 +19,8 @@ class ImageClassifier(pl.LightningModule):
     """A timm backbone (``backbone`` by name) with a new ``num_classes`` head.
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_best`` and, on test,
-    ``test/acc``, ``test/nll``, ``test/ece`` (15 bins) and ``test/acc_top5`` (more than 5 classes).
+    ``test/acc``, ``test/nll``, ``test/ece`` (15 bins), ``test/brier`` and ``test/acc_top5`` (more
+    than 5 classes).
     After ``trainer.test`` the test probabilities are in :attr:`test_outputs`.
 
     Args:
@@ -80,6 +81,7 @@ class ImageClassifier(pl.LightningModule):
         self.test_acc5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if top5 else None
         self.test_ece = MulticlassCalibrationError(num_classes, n_bins=ECE_BINS, norm="l1")
         self.train_loss, self.val_loss, self.test_nll = MeanMetric(), MeanMetric(), MeanMetric()
+        self.test_brier = MeanMetric()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # in checkpoints: a resumed run keeps its best so far
         self.test_outputs: dict[str, torch.Tensor] | None = None
@@ -133,6 +135,9 @@ class ImageClassifier(pl.LightningModule):
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
         self.log("test/nll", self.test_nll, on_step=False, on_epoch=True)
         self.log("test/ece", self.test_ece, on_step=False, on_epoch=True)
+        onehot = F.one_hot(y, probs.shape[-1]).to(probs.dtype)
+        self.test_brier(((probs - onehot) ** 2).sum(-1))
+        self.log("test/brier", self.test_brier, on_step=False, on_epoch=True)
         if self.test_acc5 is not None:
             self.test_acc5(probs, y)
             self.log("test/acc_top5", self.test_acc5, on_step=False, on_epoch=True)

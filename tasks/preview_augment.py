@@ -29,7 +29,7 @@ def preview_augment(cfg) -> tuple[dict, dict]:
     from tasks.instantiate import instantiate
 
     options = cfg.get("preview") or {}
-    n_images, n_views = int(options.get("images", 6)), int(options.get("views", 6))
+    n_views = int(options.get("views", 6))
     n_pca, pca_sigma = int(options.get("pca_views", 3)), float(options.get("pca_sigma", 1.0))
     out_dir = Path(cfg.paths.output_dir)
 
@@ -37,7 +37,13 @@ def preview_augment(cfg) -> tuple[dict, dict]:
     dm.prepare_data()
     dm.setup("fit")
     train = dm.datasets["train"]
-    rows = _one_row_per_class(train.targets, n_images)
+    n_classes = len(np.unique(train.targets))
+    n_images = options.get("images")
+    if n_images is None:  # one row per class, up to a grid that is still readable
+        n_images = min(n_classes, MAX_DEFAULT_ROWS)
+        if n_classes > MAX_DEFAULT_ROWS:
+            log.info("Preview: the first %d of %d classes (set preview.images for more)", n_images, n_classes)
+    rows = _one_row_per_class(train.targets, int(n_images))
     eval_tf, view_tf, pca_only = _preview_transforms(dm, pca_sigma)
     panels = _draw_panels(
         train,
@@ -116,6 +122,9 @@ def _title_lines(dm, color_pca, *, seed, pca_sigma: float) -> list[str]:
         f"PCA colour jitter: eigen={pca_cfg['eigen']} (eigenvalues {eig}); "
         f"training sigma={pca_cfg['sigma']:g}, orange columns sigma={pca_sigma:g}",
     ]
+
+
+MAX_DEFAULT_ROWS = 16  # rows of the grid when preview.images is null and there are more classes
 
 
 def _one_row_per_class(targets: np.ndarray, n: int) -> list[int]:

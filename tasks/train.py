@@ -57,7 +57,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     metrics = {"seed": seed, "split_seed": datamodule.split_seed, **_scalars(trainer)}
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-    if best is None:
+    if best is None and not trainer.fast_dev_run:  # fast_dev_run turns checkpointing off by design
         log.warning("No best checkpoint (no ModelCheckpoint callback): testing the final weights.")
     # on images (with TTA) even when the head trained on features
     trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)

@@ -53,3 +53,22 @@ def test_preview_grid_shows_originals_views_and_pca_only(cfg_factory, tmp_path, 
     # the same seed draws the same pictures
     _, again = tasks.run_task(cfg)
     assert np.array_equal(again["panels"]["views"], views)
+
+
+def test_preview_default_shows_one_row_per_class(cfg_factory, monkeypatch):
+    """The documented default: every class gets a row (digits: 10), in class order; a data set
+    with more classes than the cap shows the first ``MAX_DEFAULT_ROWS`` of them."""
+    import tasks
+    import tasks.preview_augment as preview
+
+    cfg = cfg_factory("task=preview_augment", "preview.views=1", "preview.pca_views=1")
+    _, objects = tasks.run_task(cfg)
+    train = objects["datamodule"].datasets["train"]
+    assert objects["panels"]["original"].shape[0] == 10
+
+    monkeypatch.setattr(preview, "MAX_DEFAULT_ROWS", 4)
+    _, objects = tasks.run_task(cfg)
+    assert objects["panels"]["original"].shape[0] == 4
+    assert preview._one_row_per_class(train.targets, 4) == [
+        int(np.flatnonzero(train.targets == c)[0]) for c in range(4)
+    ]

@@ -35,6 +35,13 @@ def test_train_writes_metrics_and_predictions(cfg_factory, tmp_path):
     assert acc == pytest.approx(saved["test/acc"], abs=1e-6)
     nll = -np.log(pred["probs"][np.arange(n), pred["targets"]]).mean()
     assert nll == pytest.approx(saved["test/nll"], rel=1e-3)
+    onehot = np.eye(10)[pred["targets"]]
+    brier = ((pred["probs"] - onehot) ** 2).sum(1).mean()
+    assert brier == pytest.approx(saved["test/brier"], abs=1e-6)
+    # ... and the loggers see the same test/brier as metrics.json
+    logged = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    header, last = logged[0].split(","), logged[-1].split(",")
+    assert float(last[header.index("test/brier")]) == pytest.approx(brier, abs=1e-5)
 
 
 @pytest.mark.slow
@@ -69,3 +76,16 @@ def test_unknown_backbone_suggests_close_names(cfg_factory):
 
     with pytest.raises(UserError, match="Did you mean: .*resnet18"):
         train(cfg_factory("model.backbone=resnet1"))
+
+
+def test_fast_dev_run_tests_final_weights_without_a_checkpoint_warning(cfg_factory, tmp_path, caplog):
+    """``debug=fdr`` turns checkpointing off by design: testing the final weights is expected
+    there, so the "no ModelCheckpoint" warning (meant for a config that dropped it) stays quiet."""
+    import logging
+
+    from tasks.train import train
+
+    with caplog.at_level(logging.WARNING):
+        metrics, _ = train(cfg_factory("debug=fdr"))
+    assert metrics["best_ckpt"] is None and "test/acc" in metrics
+    assert "No best checkpoint" not in caplog.text
