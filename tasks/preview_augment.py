@@ -42,7 +42,11 @@ def preview_augment(cfg) -> tuple[dict, dict]:
     if n_images is None:  # one row per class, up to a grid that is still readable
         n_images = min(n_classes, MAX_DEFAULT_ROWS)
         if n_classes > MAX_DEFAULT_ROWS:
-            log.info("Preview: the first %d of %d classes (set preview.images for more)", n_images, n_classes)
+            log.info(
+                "Preview: the first %d of %d classes (set preview.images for more)",
+                n_images,
+                n_classes,
+            )
     rows = _one_row_per_class(train.targets, int(n_images))
     eval_tf, view_tf, pca_only = _preview_transforms(dm, pca_sigma)
     panels = _draw_panels(

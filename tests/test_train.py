@@ -78,7 +78,9 @@ def test_unknown_backbone_suggests_close_names(cfg_factory):
         train(cfg_factory("model.backbone=resnet1"))
 
 
-def test_fast_dev_run_tests_final_weights_without_a_checkpoint_warning(cfg_factory, tmp_path, caplog):
+def test_fast_dev_run_tests_final_weights_without_a_checkpoint_warning(
+    cfg_factory, tmp_path, caplog
+):
     """``debug=fdr`` turns checkpointing off by design: testing the final weights is expected
     there, so the "no ModelCheckpoint" warning (meant for a config that dropped it) stays quiet."""
     import logging
