@@ -368,21 +368,37 @@ def input_settings(contract: dict | None, data, *, backbone: str | None = None) 
     }
 
 
-def check_resume(path: str | Path, contract: dict) -> None:
+def check_resume(path: str | Path, contract: dict, *, max_epochs: int | None = None) -> None:
     """Refuse to resume training from a checkpoint made for another backbone, classes, input
-    settings or split than this run's (``ckpt_path`` of a training run)."""
+    settings or split than this run's (``ckpt_path`` of a training run), or one that has already
+    trained ``max_epochs`` epochs: the new run would train nothing, and test and report the old
+    run's checkpoint as its own."""
     from lightning_modules.checkpoints import read_checkpoint
 
-    saved = contract_of(read_checkpoint(path), path)
-    if saved is None:
-        return
-    diff = describe_difference(saved, contract, RESUME_KEYS)
+    checkpoint = read_checkpoint(path)
+    saved = contract_of(checkpoint, path)
+    diff = describe_difference(saved, contract, RESUME_KEYS) if saved is not None else None
     if diff:
         raise UserError(
             f"Cannot resume from '{path}': it was trained with another setting than this run "
             f"({diff}). Continue a run with its own settings (python run.py resume=<run dir>); "
             "to start from its weights on other data or another model, use model.weights=."
         )
+    done = epochs_trained(checkpoint)
+    if max_epochs is not None and max_epochs >= 0 and done is not None and done >= max_epochs:
+        raise UserError(
+            f"Cannot resume from '{path}': it has trained {done} epoch(s) and "
+            f"trainer.max_epochs={max_epochs}, so there is nothing left to train. Raise "
+            f"trainer.max_epochs (e.g. trainer.max_epochs={done + max(done, 1)}) to train on."
+        )
+
+
+def epochs_trained(checkpoint: dict) -> int | None:
+    """Epochs whose training a Lightning checkpoint has finished (None when it does not say)."""
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------- weights reuse

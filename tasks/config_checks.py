@@ -81,5 +81,12 @@ def check_config(cfg: DictConfig) -> None:
                 f"finetune.callback.milestones={list(milestones)}: {late} at or after "
                 f"trainer.max_epochs={max_epochs}; lower them or raise trainer.max_epochs"
             )
+    metric = OmegaConf.select(cfg, "optimized_metric")
+    if isinstance(metric, str) and metric.startswith("test/"):
+        problems.append(
+            f"optimized_metric={metric}: a search that selects on the test set reports "
+            "optimistic test numbers; select on a validation metric, e.g. "
+            "optimized_metric=val/acc_best or optimized_metric=val/loss"
+        )
     if problems:
         raise UserError("Invalid configuration: " + "; ".join(problems) + ".")

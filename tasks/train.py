@@ -91,7 +91,12 @@ def _trainer(cfg: DictConfig, datamodule, seed: int, *, extra: list):
             f"resume={cfg.ckpt_path}."
         )
     if cfg.get("ckpt_path"):  # resuming: the checkpoint must be of this very setting
-        check_resume(cfg.ckpt_path, contract.contract)
+        # into a new directory, a finished checkpoint would be tested and reported as this run;
+        # in its own directory (resume=), a run stopped after its last epoch is finished off
+        ckpt = Path(str(cfg.ckpt_path)).expanduser().resolve()
+        elsewhere = not ckpt.is_relative_to(Path(cfg.paths.output_dir).resolve())
+        max_epochs = cfg.trainer.get("max_epochs") if elsewhere else None
+        check_resume(cfg.ckpt_path, contract.contract, max_epochs=max_epochs)
     callbacks += [contract, *(c for c in extra if c is not None)]
     if not loggers:
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]

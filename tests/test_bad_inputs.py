@@ -191,6 +191,12 @@ CASES = [
         "increasing order",
     ),
     (
+        "search_selects_on_the_test_set",
+        lambda t: ["optimized_metric=test/nll"],
+        "error",
+        "select on a validation metric",
+    ),
+    (
         "fractions_leave_nothing",
         lambda t: ["data.val_fraction=0.5", "data.test_fraction=0.5"],
         "error",

@@ -439,6 +439,25 @@ def test_resuming_with_another_backbone_names_both(pretrain, tmp_path):
         train(cfg)
 
 
+def test_resuming_a_finished_checkpoint_into_a_new_run_is_refused(pretrain, tmp_path):
+    """``ckpt_path=<other run>/last.ckpt`` that has already trained ``max_epochs`` epochs: the
+    new run would train nothing and report the other run's best checkpoint as its own."""
+    from tasks.train import train
+
+    last = pretrain / "checkpoints" / "last.ckpt"
+    before = last.stat().st_mtime_ns
+    overrides = [*TINY, "data.classes=[0,1,2,3,4]", "finetune=scratch", f"ckpt_path={last}"]
+    with pytest.raises(
+        UserError,
+        match=r"trained 1 epoch\(s\) and trainer.max_epochs=1, so there is nothing left to train.*trainer.max_epochs=2",
+    ):
+        train(compose_cfg(tmp_path / "new", overrides))
+    assert last.stat().st_mtime_ns == before and not (tmp_path / "new" / "metrics.json").exists()
+    # with epochs left it trains on, and its best checkpoint is its own
+    metrics, _ = train(compose_cfg(tmp_path / "more", [*overrides, "trainer.max_epochs=2"]))
+    assert metrics["epochs"] == 2 and (tmp_path / "more" / metrics["best_ckpt"]).is_file()
+
+
 @pytest.mark.slow
 def test_a_checkpoint_without_a_contract_still_loads_with_one_warning(seed_sweep, tmp_path, caplog):
     from tasks.evaluate import evaluate
