@@ -5,16 +5,25 @@ from timm's data config of the backbone (``timm.data.resolve_model_data_config``
 it from the model **name** alone, without building the model, which is what happens here: the data
 is set up before the model exists (the model needs the number of classes from the data).
 
+Local weights (``model.weights=``) may have been trained with other inputs than the name's timm
+config says (EfficientNet-Lite: mean = std = 0.5). A file that records its inputs - timm's
+``pretrained_cfg`` saved beside the state dict (a ``.pth`` dict's ``"pretrained_cfg"``, a
+``.safetensors`` metadata entry of that name) or a checkpoint of this framework (its data
+contract) - is followed; a file that records nothing gets the name's statistics and one warning.
+
 Precedence, for each of ``image_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``:
-a value set in the data config (not ``null``) > the backbone's timm data config > timm's defaults
-(ImageNet mean/std, 224 px, bicubic, crop 0.875) when the backbone is unknown to timm.
+a value set in the data config (not ``null``) > the weights file's own record > the backbone's
+timm data config > timm's defaults (ImageNet mean/std, 224 px, bicubic, crop 0.875) when the
+backbone is unknown to timm.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from datamodules.errors import UserError
 
@@ -78,16 +87,52 @@ def backbone_data_config(name: str | None) -> tuple[dict, str]:
     return resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict()), f"backbone {name}"
 
 
+def weights_data_config(path: str | Path) -> dict | None:
+    """The inputs a weights file says it was trained with, as a timm data config (``input_size``,
+    ``mean``, ``std``, ``interpolation``, ``crop_pct``; the keys it has), or None when it says
+    nothing (a plain state dict) or cannot be read (the weights loader then names the problem)."""
+    path = Path(str(path)).expanduser()
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                text = (f.metadata() or {}).get("pretrained_cfg")
+            return _timm_keys(json.loads(text)) if text else None
+        import torch
+
+        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable here means "says nothing"; loading will tell
+        return None
+    if not isinstance(raw, dict):
+        return None
+    if isinstance(raw.get("pretrained_cfg"), dict):
+        return _timm_keys(raw["pretrained_cfg"])
+    contract = raw.get("data_contract")  # a checkpoint of this framework
+    if isinstance(contract, dict) and isinstance(contract.get("input"), dict):
+        given = contract["input"]
+        size = given.get("image_size")
+        return _timm_keys({**given, "input_size": (3, size, size) if size else None})
+    return None
+
+
+def _timm_keys(cfg: dict) -> dict:
+    keys = ("input_size", "mean", "std", "interpolation", "crop_pct")
+    return {k: cfg[k] for k in keys if cfg.get(k) is not None}
+
+
 def resolve_data_config(
     *,
     backbone: str | None = None,
+    weights: str | Path | None = None,
     image_size: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     interpolation: str | None = None,
     crop_pct: float | None = None,
 ) -> DataConfig:
-    """Explicit values win; every ``None`` is filled from the backbone's timm data config."""
+    """Explicit values win; every ``None`` is filled from what the ``weights`` file records, then
+    from the backbone's timm data config."""
     given = {
         "image_size": image_size,
         "mean": mean,
@@ -96,8 +141,21 @@ def resolve_data_config(
         "crop_pct": crop_pct,
     }
     origin = {k: "data config" for k, v in given.items() if v is not None}
+    if weights and len(origin) < len(given):
+        _fill_from_weights(given, origin, weights)
     if len(origin) < len(given):
         _fill_from_backbone(given, origin, backbone)
+        filled = {k for k, o in origin.items() if o != "data config"}
+        if weights and {"mean", "std"} & filled and origin["mean"] != "weights file":
+            log.warning(
+                "model.weights=%s does not record the normalisation it was trained with: "
+                "using %s's mean=%s std=%s; if the weights expect others, set data.mean "
+                "and data.std",
+                weights,
+                origin["mean"],
+                _fmt(given["mean"]),
+                _fmt(given["std"]),
+            )
     interp = _checked_interpolation(given["interpolation"], origin["interpolation"])
     size = int(given["image_size"])
     if size < 1:
@@ -114,6 +172,20 @@ def resolve_data_config(
         crop_pct=crop,
         origin=origin,
     )
+
+
+def _fmt(values) -> str:
+    return "[" + ",".join(f"{float(v):.4g}" for v in values) + "]"
+
+
+def _fill_from_weights(given: dict, origin: dict, weights) -> None:
+    """Fill the ``None`` entries of ``given`` that the weights file records (in place)."""
+    recorded = weights_data_config(weights) or {}
+    if "input_size" in recorded:
+        recorded["image_size"] = max(recorded.pop("input_size")[-2:])
+    for k, v in recorded.items():
+        if k in given and given[k] is None:
+            given[k], origin[k] = v, "weights file"
 
 
 def _fill_from_backbone(given: dict, origin: dict, backbone: str | None) -> None:

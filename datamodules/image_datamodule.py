@@ -72,8 +72,9 @@ class ImageDataModule(pl.LightningDataModule):
     the data and are available after :meth:`setup`.
 
     ``image_size``, ``mean``, ``std``, ``interpolation`` and ``eval_crop_pct`` left at ``None`` come
-    from the timm data config of ``backbone`` (see :mod:`datamodules.data_config`), so a
-    pretrained backbone sees the normalisation it was trained with.
+    from what the ``weights`` file records, else the timm data config of ``backbone`` (see
+    :mod:`datamodules.data_config`), so a pretrained backbone sees the normalisation it was
+    trained with.
 
     PCA colour jitter (``augment.pca``) is fitted on the training split in :meth:`setup` (cached
     under ``augment.pca.cache_dir``) and runs either per image in the workers or, with
@@ -98,6 +99,7 @@ class ImageDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         backbone: str | None = None,
+        weights: str | None = None,
         image_size: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
@@ -119,12 +121,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.data_config = resolve_data_config(
-            backbone=backbone,
-            image_size=image_size,
-            mean=mean,
-            std=std,
-            interpolation=interpolation,
-            crop_pct=eval_crop_pct,
+            **dict(backbone=backbone, weights=weights, image_size=image_size),
+            **dict(mean=mean, std=std, interpolation=interpolation, crop_pct=eval_crop_pct),
         )
         self.image_size = self.data_config.image_size
         self.mean, self.std = list(self.data_config.mean), list(self.data_config.std)

@@ -2,7 +2,9 @@
 
 Accepted files:
 - ``.safetensors``: a timm/Hugging Face state dict (never executes code);
-- ``.pth`` / ``.pt`` / ``.bin``: a torch state dict, loaded with ``torch.load(weights_only=True)``;
+- ``.pth`` / ``.pt`` / ``.bin``: a torch state dict, loaded with ``torch.load(weights_only=True)``,
+  or a dict ``{"state_dict": ..., "pretrained_cfg": {...}, "class_names": [...]}`` that also
+  records the inputs the weights expect and the classes of their head;
 - ``.ckpt``: a Lightning checkpoint of this framework (its ``state_dict`` with the ``net.``
   prefix), also with ``weights_only=True`` - transfer from your own earlier run.
 
@@ -94,6 +96,10 @@ def _about(raw) -> dict:
     """The head's classes and the data contract of a checkpoint of this framework."""
     from lightning_modules.data_contract import CONTRACT_KEY, head_tasks
 
+    if isinstance(raw, dict) and isinstance(
+        raw.get("class_names"), list
+    ):  # a state dict + its classes
+        return {"head": [str(c) for c in raw["class_names"]], "contract": None}
     if not isinstance(raw, dict) or not isinstance(raw.get("hyper_parameters"), dict):
         return {"head": None, "contract": None}
     hparams = raw["hyper_parameters"]
