@@ -50,6 +50,7 @@ TASKS = {
     "ensemble": "tasks.ensemble:ensemble_task",
     "preview_augment": "tasks.preview_augment:preview_augment",
     "visualize": "tasks.visualize:visualize",
+    "lr_find": "tasks.lr_find:lr_find",
 }
 
 

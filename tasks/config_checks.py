@@ -26,7 +26,12 @@ def _is_num(v) -> bool:
 # key, test, what is expected, an example of a good value
 RULES: list[tuple[str, Callable[[object], bool], str, str]] = [
     ("seed", lambda v: v is None or _is_int(v), "a whole number (or null for a random one)", "0"),
-    ("model.optimizer.lr", lambda v: _is_num(v) and v > 0, "a positive number", "0.001"),
+    (
+        "model.optimizer.lr",
+        lambda v: (_is_num(v) and v > 0) or v == "auto",
+        "a positive number, or auto (the LR range test picks it)",
+        "0.001",
+    ),
     ("model.optimizer.weight_decay", lambda v: _is_num(v) and v >= 0, "a number >= 0", "0.05"),
     ("model.drop_rate", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)", "0.1"),
     ("model.label_smoothing", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)", "0.1"),

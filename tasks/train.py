@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from datamodules.errors import UserError
 from tasks.instantiate import instantiate, instantiate_all, tta_callback
+from tasks.lr_find import resolve_auto_lr
 from tasks.outcome import summary
 from tasks.seed import seed_run
 
@@ -34,12 +35,16 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     datamodule = instantiate(cfg.data, seed=seed, _convert_="all")
     datamodule.prepare_data()
     datamodule.setup("fit")
+    lr = resolve_auto_lr(cfg, datamodule, out_dir)  # model.optimizer.lr=auto: the range test
+    if lr is not None:
+        seed_run(seed)  # then train exactly as with model.optimizer.lr=<that value>
     model, finetuning = build_model(cfg, datamodule)
     unfreeze = instantiate(finetuning.callback) if finetuning.callback else None
     tta = tta_callback(cfg, datamodule)
     trainer = _trainer(cfg, datamodule, seed, extra=[unfreeze, tta])
 
     log.info("Run directory: %s", out_dir)
+    warn_if_few_steps(cfg, datamodule)
     fit_data = datamodule
     if finetuning.cache_features:  # frozen backbone: train the head on features computed once
         from datamodules.feature_cache import feature_data
@@ -55,6 +60,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         )
     trainer.fit(model, datamodule=fit_data, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = {"seed": seed, "split_seed": datamodule.split_seed, **_scalars(trainer)}
+    if lr is not None:
+        metrics["lr"] = lr
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     if best is None and not trainer.fast_dev_run:  # fast_dev_run turns checkpointing off by design
@@ -69,6 +76,39 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         _write_outputs(out_dir, metrics, datamodule=datamodule, model=model, tta=tta)
     log.info("Seed %s: %s", seed, summary(metrics))
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+
+
+FEW_STEPS = 150  # fewer optimizer steps than this in a whole run: a head has hardly converged
+
+
+def warn_if_few_steps(cfg: DictConfig, datamodule) -> int | None:
+    """One warning when the whole run makes fewer than ``FEW_STEPS`` optimizer steps: with a
+    small training set, steps, not epochs, decide whether a head converges (100 images in
+    batches of 64 for 15 epochs are 30 steps). Returns the step count (None when the trainer
+    limits batches or steps, which is then deliberate)."""
+    import math
+
+    t = cfg.trainer
+    if t.get("fast_dev_run") or t.get("limit_train_batches", 1.0) not in (1.0, None):
+        return None
+    if t.get("max_steps", -1) not in (-1, None) or int(t.get("max_epochs") or -1) < 1:
+        return None
+    n, batch = len(datamodule.datasets["train"]), datamodule.batch_size
+    per_epoch = math.ceil(n / batch) // max(1, int(t.get("accumulate_grad_batches") or 1))
+    steps = max(1, per_epoch) * int(t.max_epochs)
+    if steps < FEW_STEPS:
+        smaller = max(8, 2 ** int(math.log2(max(1, n * int(t.max_epochs) / FEW_STEPS))))
+        log.warning(
+            "This run makes only %d optimizer steps (%d training images, data.batch_size=%d, "
+            "trainer.max_epochs=%d): too few for a new head to converge. Lower data.batch_size "
+            "(e.g. data.batch_size=%d) or raise trainer.max_epochs.",
+            steps,
+            n,
+            batch,
+            int(t.max_epochs),
+            min(smaller, batch // 2) if batch > 8 else batch,
+        )
+    return steps
 
 
 def _trainer(cfg: DictConfig, datamodule, seed: int, *, extra: list):

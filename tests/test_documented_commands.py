@@ -61,6 +61,8 @@ def small_overrides(command: Command) -> list[str]:
         if a.startswith("finetune.callback.milestones="):
             last = max(int(m) for m in re.findall(r"\d+", a.split("=", 1)[1]))
             extra.append(f"trainer.max_epochs={last + 1}")
+    if any(a in ("task=lr_find", "model.optimizer.lr=auto") for a in args):
+        extra.append("lr_find.steps=20")
     if any(a.startswith("hparams_search=") for a in args):
         extra.append("hydra.sweeper.n_trials=2")
     for key, override in QUIET.items():

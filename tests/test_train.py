@@ -91,3 +91,33 @@ def test_fast_dev_run_tests_final_weights_without_a_checkpoint_warning(
         metrics, _ = train(cfg_factory("debug=fdr"))
     assert metrics["best_ckpt"] is None and "test/acc" in metrics
     assert "No best checkpoint" not in caplog.text
+
+
+def test_a_run_with_too_few_steps_says_so_once(cfg_factory, caplog):
+    """100 training images in batches of 64 for 15 epochs are 30 optimizer steps: one warning
+    naming the count and a batch size that gives enough; none for a run that has enough."""
+    import logging
+
+    from tasks.instantiate import instantiate
+    from tasks.train import FEW_STEPS, warn_if_few_steps
+
+    def steps(*overrides):
+        cfg = cfg_factory("trainer.limit_train_batches=1.0", *overrides)
+        dm = instantiate(cfg.data, _convert_="all")
+        dm.setup("fit")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            return warn_if_few_steps(cfg, dm), caplog.text
+
+    few, text = steps("data.max_per_class=10", "trainer.max_epochs=15")
+    assert few == 30 and text.count("only 30 optimizer steps") == 1
+    suggested = int(text.split("data.batch_size=")[-1].split(")")[0])
+    assert 15 * -(-100 // suggested) >= FEW_STEPS  # the suggested batch size gives enough steps
+    enough, text = steps(
+        "data.max_per_class=10", "trainer.max_epochs=15", f"data.batch_size={suggested}"
+    )
+    assert enough >= FEW_STEPS and "optimizer steps" not in text
+    assert (
+        steps("data.max_per_class=10", "trainer.max_epochs=15", "trainer.limit_train_batches=2")[0]
+        is None
+    )
