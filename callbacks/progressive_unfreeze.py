@@ -37,6 +37,7 @@ from lightning_modules.layer_groups import LayerGroup, layer_groups
 log = logging.getLogger(__name__)
 
 LR_POLICIES = ("layer_decay", "seeds", "uniform")
+BN_EVAL = ("frozen", "all", "none")
 
 
 @dataclass
@@ -96,7 +97,10 @@ class ProgressiveUnfreeze(pl.Callback):
         layer_decay: factor per level below the head (``layer_decay`` policy).
         upper_groups: groups at lr/10 under the ``seeds`` policy.
         group_warmup_epochs: linear LR warm-up of a group after it is unfrozen, in epochs.
-        freeze_bn: keep frozen groups' BatchNorm layers in eval mode.
+        bn_eval: which BatchNorm layers stay in eval mode (running statistics unchanged, affine
+            parameters still trained where the group trains): ``frozen`` groups' only, ``all``
+            of them (the pretrained statistics normalise throughout, so unfreezing a group does
+            not change the features the head was trained on), or ``none``.
     """
 
     def __init__(
@@ -105,12 +109,12 @@ class ProgressiveUnfreeze(pl.Callback):
         every: int | None = 1,
         milestones: Sequence[int] | None = None,
         max_unfrozen: int | None = None,
-        lr_policy: str = "layer_decay",
+        lr_policy: str = "uniform",
         lr_mults: Sequence[float] | None = None,
         layer_decay: float = 0.5,
         upper_groups: int = 2,
         group_warmup_epochs: float = 0.5,
-        freeze_bn: bool = True,
+        bn_eval: str = "frozen",
     ) -> None:
         super().__init__()
         if milestones is not None:
@@ -136,7 +140,9 @@ class ProgressiveUnfreeze(pl.Callback):
         self.lr_policy, self.layer_decay, self.upper_groups = lr_policy, layer_decay, upper_groups
         self.lr_mults = list(lr_mults) if lr_mults is not None else None
         self.group_warmup_epochs = float(group_warmup_epochs)
-        self.freeze_bn = freeze_bn
+        if bn_eval not in BN_EVAL:
+            raise UserError(f"Unknown bn_eval '{bn_eval}': use one of {', '.join(BN_EVAL)}.")
+        self.bn_eval = bn_eval
         self.plan: UnfreezePlan | None = None
         self._applied: list[bool] | None = None
 
@@ -238,19 +244,32 @@ class ProgressiveUnfreeze(pl.Callback):
         """Set requires_grad and BatchNorm modes for ``trainer.current_epoch`` (idempotent)."""
         if self.plan is None:
             return
-        net = pl_module.net
-        on = self.plan.trainable(trainer.current_epoch)
-        distributed = trainer.world_size > 1
-        for group, trainable in zip(self.plan.groups, on, strict=True):
-            for p in group.parameters(net):
-                p.requires_grad_(trainable or distributed)
-            if self.freeze_bn:
-                for module in group.modules(net):
-                    if isinstance(module, _BatchNorm):
-                        module.train(trainable and pl_module.training)
+        on = self.set_state(
+            pl_module.net,
+            trainer.current_epoch,
+            training=pl_module.training,
+            distributed=trainer.world_size > 1,
+        )
         if on != self._applied:
             self._applied = on
             self._log_stage(trainer, pl_module, on)
+
+    def set_state(
+        self, net: torch.nn.Module, epoch: int, *, training: bool, distributed: bool = False
+    ) -> list[bool]:
+        """Freeze/unfreeze ``net``'s groups and set BatchNorm modes as the plan has them at
+        ``epoch``; returns which groups train."""
+        on = self.plan.trainable(epoch)
+        for group, trainable in zip(self.plan.groups, on, strict=True):
+            for p in group.parameters(net):
+                p.requires_grad_(trainable or distributed)
+            if self.bn_eval == "none":
+                continue
+            bn_trains = trainable and self.bn_eval == "frozen"
+            for module in group.modules(net):
+                if isinstance(module, _BatchNorm):
+                    module.train(bn_trains and training)
+        return on
 
     def _log_stage(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, on: list[bool]

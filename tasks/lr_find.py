@@ -55,7 +55,6 @@ def find_lr(cfg: DictConfig, datamodule):
     """The range test of ``cfg``'s model and strategy on ``datamodule``'s training loader."""
     import torch
     import torch.nn.functional as F
-    from torch.nn.modules.batchnorm import _BatchNorm
 
     from lightning_modules.lr_finder import lr_range_test
     from tasks.instantiate import instantiate
@@ -74,12 +73,8 @@ def find_lr(cfg: DictConfig, datamodule):
         unfreeze = instantiate(finetuning.callback)
         plan = unfreeze.make_plan(model.net, max_epochs=cfg.trainer.get("max_epochs"))
         model.finetune_plan = plan
-        for group, on in zip(plan.groups, plan.trainable(0), strict=True):
-            for p in group.parameters(model.net):
-                p.requires_grad_(on)
-            for module in group.modules(model.net):
-                if isinstance(module, _BatchNorm) and unfreeze.freeze_bn:
-                    module.train(on)
+        unfreeze.plan = plan
+        unfreeze.set_state(model.net, 0, training=True)
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     device = (
         "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"

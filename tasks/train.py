@@ -164,7 +164,6 @@ def build_model(cfg: DictConfig, datamodule):
     """The model for ``datamodule``'s classes, its weights, and the fine-tuning strategy."""
     from lightning_modules.data_contract import check_no_leak
     from lightning_modules.finetune import build_finetuning
-    from lightning_modules.layer_groups import layer_groups
     from lightning_modules.weights import load_weights, renew_hub_head
 
     weights = cfg.model.get("weights")
@@ -182,7 +181,6 @@ def build_model(cfg: DictConfig, datamodule):
         cfg.finetune,
         has_weights=has_weights,
         train_targets=datamodule.datasets["train"].targets,
-        n_backbone_groups=len(layer_groups(model.net)) - 1,
     )
     log.info("Fine-tuning: %s", finetuning.reason)
     if weights and finetuning.use_weights:

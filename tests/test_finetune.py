@@ -122,6 +122,7 @@ def test_per_group_lr_is_base_times_multiplier_times_schedule(cfg_factory):
         key,
         "finetune=progressive",
         f"finetune.callback.milestones={milestones}",
+        "finetune.callback.lr_policy=layer_decay",
         "finetune.callback.layer_decay=0.5",
         f"finetune.callback.group_warmup_epochs={warm}",
         f"trainer.max_epochs={epochs}",
@@ -244,8 +245,39 @@ def test_every_and_max_unfrozen_build_the_plan():
     ).make_plan(net, max_epochs=10)
     assert plan.unfreeze_epochs == [None, None, None, 4, 2, 0]
     assert plan.lr_mults == [0.01, 0.01, 0.01, 0.01, 0.1, 1.0]
-    full = ProgressiveUnfreeze(every=0).make_plan(net, max_epochs=10)
+    full = ProgressiveUnfreeze(every=0, lr_policy="layer_decay").make_plan(net, max_epochs=10)
     assert full.unfreeze_epochs == [0] * 6
     assert full.lr_mults == [0.5**5, 0.5**4, 0.5**3, 0.25, 0.5, 1.0]
     probe = ProgressiveUnfreeze(max_unfrozen=0).make_plan(net, max_epochs=10)
     assert probe.trainable(9) == [False] * 5 + [True]
+
+
+@pytest.mark.parametrize("bn_eval", ["frozen", "all", "none"])
+def test_bn_eval_sets_which_batchnorm_layers_normalise_with_running_statistics(bn_eval):
+    import timm
+
+    net = timm.create_model("test_resnet", num_classes=3).train()
+    unfreeze = ProgressiveUnfreeze(milestones=[1], bn_eval=bn_eval)
+    unfreeze.plan = unfreeze.make_plan(net, max_epochs=3)
+    top = unfreeze.plan.groups[-2]  # layer4, unfrozen at epoch 1
+    top_bn = [m for m in top.modules(net) if isinstance(m, _BatchNorm)]
+    other_bn = [
+        m for m in net.modules() if isinstance(m, _BatchNorm) and all(m is not t for t in top_bn)
+    ]
+    assert top_bn and other_bn
+    for epoch, top_trains in ((0, False), (1, True)):
+        on = unfreeze.set_state(net, epoch, training=True)
+        assert on[-2] is top_trains and on[-1] is True
+        assert all(p.requires_grad is top_trains for p in top.parameters(net))
+        expect_top = {"frozen": top_trains, "all": False, "none": True}[bn_eval]
+        assert all(m.training is expect_top for m in top_bn), epoch
+        assert all(m.training is (bn_eval == "none") for m in other_bn), epoch
+    # evaluation mode is never switched to training by the schedule
+    net.eval()
+    unfreeze.set_state(net, 1, training=False)
+    assert not any(m.training for m in net.modules() if isinstance(m, _BatchNorm))
+
+
+def test_unknown_bn_eval_is_refused():
+    with pytest.raises(UserError, match="Unknown bn_eval 'some'"):
+        ProgressiveUnfreeze(bn_eval="some")

@@ -151,15 +151,16 @@ def test_framework_checkpoint_transfers_to_a_new_class_count(cfg_factory, tmp_pa
     "has_weights, per_class, expected, max_unfrozen",
     [
         (False, 5000, "scratch", None),
-        (True, 5, "linear_probe", 0),
-        (True, 50, "progressive", 3),
+        (True, 4, "linear_probe", 0),
+        (True, 5, "progressive", None),
+        (True, 50, "progressive", None),
         (True, 500, "progressive", None),
         (True, 5000, "full", None),
     ],
 )
 def test_auto_policy_table(has_weights, per_class, expected, max_unfrozen):
     strategy, overrides, reason = choose_strategy(
-        has_weights=has_weights, images_per_class=per_class, n_groups=5
+        has_weights=has_weights, images_per_class=per_class
     )
     assert strategy == expected
     assert overrides.get("max_unfrozen") == max_unfrozen
@@ -170,25 +171,19 @@ def test_auto_reads_the_training_set_and_keeps_the_callback_settings():
     conf = {
         "name": "auto",
         "few_per_class": 20,
-        "many_per_class": 200,
         "lots_per_class": 1000,
         "cache_features": True,
         "callback": {"_target_": "x", "every": 2},
     }
-    few = build_finetuning(
-        conf, has_weights=True, train_targets=np.repeat(np.arange(4), 8), n_backbone_groups=5
-    )
+    few = build_finetuning(conf, has_weights=True, train_targets=np.repeat(np.arange(4), 8))
     assert few.strategy == "linear_probe" and few.cache_features
     assert few.callback == {"_target_": "x", "every": 2, "max_unfrozen": 0}
     assert "8 training images per class" in few.reason
-    none = build_finetuning(
-        conf, has_weights=False, train_targets=np.zeros(10, int), n_backbone_groups=5
-    )
+    none = build_finetuning(conf, has_weights=False, train_targets=np.zeros(10, int))
     assert none.strategy == "scratch" and none.callback is None and not none.use_weights
-    with pytest.raises(UserError, match="few_per_class <= many_per_class"):
+    with pytest.raises(UserError, match="few_per_class <= lots_per_class"):
         build_finetuning(
-            {**conf, "few_per_class": 500},
+            {**conf, "few_per_class": 5000},
             has_weights=True,
             train_targets=np.zeros(3, int),
-            n_backbone_groups=5,
         )
