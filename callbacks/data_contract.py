@@ -37,9 +37,14 @@ class DataContract(pl.Callback):
         self._in_checkpoint = checkpoint_contract(contract, datamodule)
 
     @classmethod
-    def of_run(cls, cfg, datamodule, run_dir: str | Path) -> DataContract:
-        """The contract of a training run of ``cfg`` on ``datamodule`` (after ``setup``)."""
+    def of_run(cls, cfg, datamodule, run_dir: str | Path, *, model=None) -> DataContract:
+        """The contract of a training run of ``cfg`` on ``datamodule`` (after ``setup``); with
+        ``model`` (before training) also the digest of its initial backbone weights."""
         contract = build_contract(datamodule, backbone=cfg.model.backbone, data_config=cfg.data)
+        if model is not None:
+            from lightning_modules.soup import backbone_digest
+
+            contract["initial_weights"] = backbone_digest(model.net)
         return cls(contract, datamodule=datamodule, run_dir=run_dir)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -10,7 +10,10 @@ Every training run records, in ``<run dir>/contract.json`` and in each checkpoin
   the source offers), ``split_seed``, and per split the count and a digest of its sample ids
   (the ids themselves are in ``<run dir>/splits.npz``);
 - ``data``: the resolved ``data`` config, so that eval and visualize rebuild the same data module
-  without being told the training run's data options.
+  without being told the training run's data options;
+- ``initial_weights``: a digest of the backbone's weights before training (the head left out):
+  members that share it were fine-tuned from the same weights and can be averaged into a soup
+  (:mod:`lightning_modules.soup`); runs from scratch differ in it.
 
 Checkpoints also carry a 64-bit key per training sample id (``train_keys``), so fine-tuning from
 a checkpoint can check, with nothing but the file, that its validation and test images were never
@@ -154,7 +157,7 @@ def checkpoint_contract(contract: dict, datamodule) -> dict:
 
 def write_run_contract(run_dir: str | Path, contract: dict, datamodule) -> None:
     """``contract.json`` and ``splits.npz`` (the sample ids of every split) in ``run_dir``."""
-    from lightning_modules.run_outputs import _atomic_write, write_json
+    from lightning_modules.run_outputs import atomic_write, write_json
 
     run_dir = Path(run_dir)
     write_json(run_dir / CONTRACT_FILE, contract)
@@ -165,7 +168,7 @@ def write_run_contract(run_dir: str | Path, contract: dict, datamodule) -> None:
                 fh, **{s: np.asarray(datamodule.ids(s), dtype=str) for s in contract["splits"]}
             )
 
-    _atomic_write(run_dir / SPLITS_FILE, write)
+    atomic_write(run_dir / SPLITS_FILE, write)
 
 
 # ---------------------------------------------------------------------------- reading

@@ -5,6 +5,8 @@
 ``probs`` (N, C) float32, ``targets`` (N,) int64, ``ids`` (N,) str (stable sample ids) and
 ``class_names`` (C,) str. Rows follow the data module's test order, which depends only on the
 data and ``data.split_seed``. ``predictions/test_tta.npz``: the same with test-time augmentation.
+``predictions/val.npz`` (``val_tta.npz``): the same for the validation images (training runs),
+on which temperatures are fitted (``checkpoints/best.calibration.json``) and soups chosen.
 ``<run dir>/failed.json``: written instead of the above by a job of a multirun that failed
 (``error``, ``message``, ``traceback``), so the rest of the sweep can go on and be reported.
 """
@@ -23,7 +25,7 @@ PREDICTIONS_DIR = "predictions"
 FAILED_FILE = "failed.json"
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write to ``path.tmp`` then rename: a crash never leaves a half-written file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -47,7 +49,7 @@ def _plain(value):
 def write_text(path: str | Path, text: str) -> Path:
     """Write a text file atomically (never half-written)."""
     path = Path(path)
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, lambda tmp: tmp.write_text(text))
     return path
 
 
@@ -91,7 +93,7 @@ def save_predictions(
                 class_names=np.asarray(class_names, dtype=str),
             )
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 
@@ -115,7 +117,7 @@ def save_regression_predictions(
                 ids=np.asarray(ids, dtype=str),
             )
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 
@@ -189,3 +191,19 @@ def save_test_results(out_dir: Path, metrics: dict, *, datamodule, model, tta=No
     if tta is not None and tta.outputs is not None:
         save_test_outputs(out_dir, "test_tta", tta.outputs, ids=ids, class_names=names)
         metrics["tta"] = tta.tta.mode
+
+
+def save_val_results(out_dir: Path, *, datamodule, model, tta=None, forward_context=None) -> None:
+    """Write ``predictions/val.npz`` (and ``val_tta.npz`` with ``tta``, a
+    :class:`~lightning_modules.tta.TestTimeAugmentation`): every validation image, predicted by
+    ``model`` as it is now (the best checkpoint, after testing). Temperatures are fitted and
+    soups chosen on these, never on test predictions."""
+    from lightning_modules.predictions import predict_split
+
+    ids, names = datamodule.ids("val"), datamodule.class_names
+    views = {"val": None} if tta is None or not tta.enabled else {"val": None, "val_tta": tta}
+    for split, views_tta in views.items():
+        outputs = predict_split(
+            model, datamodule, "val", tta=views_tta, forward_context=forward_context
+        )
+        save_test_outputs(out_dir, split, outputs, ids=ids, class_names=names)

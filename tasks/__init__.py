@@ -48,6 +48,7 @@ TASKS = {
     "eval": "tasks.evaluate:evaluate",
     "predict": "tasks.predict:predict",
     "ensemble": "tasks.ensemble:ensemble_task",
+    "compare": "tasks.compare:compare_task",
     "preview_augment": "tasks.preview_augment:preview_augment",
     "visualize": "tasks.visualize:visualize",
     "lr_find": "tasks.lr_find:lr_find",

@@ -27,7 +27,6 @@ import glob
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -63,6 +62,28 @@ METRIC_NOTES = (
     "15 equal-width bins, L1; Brier: sum over classes of squared errors, mean over samples "
     "(0 best, 2 worst). Ensemble = mean of the members' probabilities. std over members, ddof=1."
 )
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """What a report computes (the ``ensemble`` config group)."""
+
+    plots: bool = True  # reliability, confusion and learning-curve PNGs
+    soups: bool = True  # uniform and greedy soups of soupable members
+    resamples: int = 2000  # bootstrap resamples of the test images
+    level: float = 0.95  # interval level
+    seed: int = 0  # bootstrap seed
+
+    @classmethod
+    def from_config(cls, options) -> ReportOptions:
+        options = options or {}
+        return cls(
+            plots=bool(options.get("plots", True)),
+            soups=bool(options.get("soups", True)),
+            resamples=int(options.get("bootstrap", 2000)),
+            level=float(options.get("level", 0.95)),
+            seed=int(options.get("bootstrap_seed", 0)),
+        )
 
 
 # ---------------------------------------------------------------------------- runs
@@ -101,6 +122,7 @@ class Group:
     runs: list[Run] = field(default_factory=list)
     label: dict[str, Any] = field(default_factory=dict)  # config keys that set it apart
     name: dict[str, str] = field(default_factory=dict)  # the overrides that set it apart
+    predictions: dict | None = None  # its members' checked predictions, once reported
 
     @property
     def members(self) -> list[Run]:
@@ -115,8 +137,9 @@ class Group:
         return ", ".join(f"{k}={v}" for k, v in (self.name or self.label).items()) or "all runs"
 
 
-def find_runs(spec: str | Path | list | tuple) -> list[Path]:
-    """Run directories named by ``spec``: sweep or run directories, or globs of them."""
+def find_runs(spec: str | Path | list | tuple, *, option: str = "ensemble.runs") -> list[Path]:
+    """Run directories named by ``spec`` (the value of ``option``): sweep or run directories,
+    or globs of them."""
     patterns = [spec] if isinstance(spec, (str, Path)) else list(spec or [])
     runs: list[Path] = []
     for pattern in patterns:
@@ -124,7 +147,7 @@ def find_runs(spec: str | Path | list | tuple) -> list[Path]:
         found = [run for match in matches for run in list_runs(match)]
         if not found:
             raise UserError(
-                f"ensemble.runs='{pattern}' names no run directory: give a sweep directory "
+                f"{option}='{pattern}' names no run directory: give a sweep directory "
                 "(outputs/train/multiruns/<date>_<id>), run directories, or a glob of them "
                 "(each run has a .hydra/config.yaml)."
             )
@@ -232,16 +255,23 @@ def differing_keys(settings: list[dict[str, Any]]) -> list[str]:
 
 # ---------------------------------------------------------------------------- checks
 def load_members(members: list[Run]) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Every member's predictions per split (``test``; ``test_tta`` when all members have it)."""
+    """Every member's predictions per split: ``test``; ``test_tta``, ``val`` and ``val_tta``
+    when all members have them (validation predictions: runs of this version's ``task=train``)."""
     out = {"test": [load_predictions(r.path, "test") for r in members]}
-    with_tta = [has_predictions(r.path, "test_tta") for r in members]
-    if all(with_tta):
-        out["test_tta"] = [load_predictions(r.path, "test_tta") for r in members]
-    elif any(with_tta):
-        log.warning(
-            "TTA predictions missing for %s: the report leaves TTA out.",
-            ", ".join(r.label for r, ok in zip(members, with_tta, strict=True) if not ok),
-        )
+    why = {"test_tta": "the report leaves TTA out", "val": "no calibration, no best member"}
+    for split in ("test_tta", "val", "val_tta"):
+        present = [has_predictions(r.path, split) for r in members]
+        if all(present):
+            out[split] = [load_predictions(r.path, split) for r in members]
+        elif any(present) and split in why:
+            log.warning(
+                "%s predictions missing for %s: %s.",
+                "TTA" if split == "test_tta" else "Validation",
+                ", ".join(r.label for r, ok in zip(members, present, strict=True) if not ok),
+                why[split],
+            )
+    if "val_tta" in out and "test_tta" not in out:
+        del out["val_tta"]
     return out
 
 
@@ -326,7 +356,19 @@ def score_split(probs: list[np.ndarray], targets: np.ndarray) -> dict[str, Any]:
     }
 
 
-def build_report(group: Group, predictions: dict[str, list[dict]]) -> dict[str, Any]:
+def build_report(
+    group: Group,
+    predictions: dict[str, list[dict]],
+    *,
+    soups: dict | None = None,
+    options: ReportOptions | None = None,
+) -> dict[str, Any]:
+    """The report of one setting: its members' scores, the ensemble's, and the verdict
+    (:func:`tasks.verdict.verdict`: calibration, best member, soups, intervals, paired gains).
+    ``soups``: ``{"soupable", "reason", "soups": build_soups' result or None}``."""
+    from tasks.verdict import verdict
+
+    options = options or ReportOptions()
     members = group.members
     ref = predictions["test"][0]
     metrics = {}
@@ -334,9 +376,7 @@ def build_report(group: Group, predictions: dict[str, list[dict]]) -> dict[str, 
         if (run.path / "metrics.json").is_file():
             metrics[run.name] = read_metrics(run.path)
     split_seed = next((m.get("split_seed") for m in metrics.values()), None)
-    tta = {
-        k[4:]: v for k, v in group.setting.items() if k.startswith("tta.") and k != "tta._target_"
-    }
+    tta = _tta_setting(group)
     report: dict[str, Any] = {
         "setting": group.label,
         "name": group.title,
@@ -355,139 +395,112 @@ def build_report(group: Group, predictions: dict[str, list[dict]]) -> dict[str, 
         "tta": tta if "test_tta" in predictions else None,
         "notes": METRIC_NOTES,
     }
-    for split, preds in predictions.items():
-        report[split] = score_split([p["probs"] for p in preds], ref["targets"])
+    for split in SPLITS:
+        if split in predictions:
+            probs = [p["probs"] for p in predictions[split]]
+            report[split] = score_split(probs, ref["targets"])
+    soups = soups or {"soupable": False, "reason": "soups not computed", "soups": None}
+    made = soups.get("soups") or {}
+    report["soups"] = _soup_section(soups)
+    report.update(
+        verdict(
+            predictions,
+            labels=[r.label for r in members],
+            soups=made,
+            resamples=options.resamples,
+            level=options.level,
+            seed=options.seed,
+        )
+    )
     return report
 
 
+def _tta_setting(group: Group) -> dict[str, Any]:
+    """The members' ``tta`` settings (mode, crop_pct, ...)."""
+    return {
+        k[4:]: v for k, v in group.setting.items() if k.startswith("tta.") and k != "tta._target_"
+    }
+
+
+def _soup_section(soups: dict) -> dict[str, Any]:
+    """The report's ``soups``: soupable, why, and each soup without its predictions."""
+    made = soups.get("soups") or {}
+    return {
+        "soupable": soups["soupable"],
+        "reason": soups["reason"],
+        **{
+            kind: {k: v for k, v in soup.items() if k != "predictions"}
+            for kind, soup in made.items()
+        },
+    }
+
+
 # ---------------------------------------------------------------------------- output
-def _fmt(metric: str, value: float, *, signed: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    sign = "+" if signed else ""
-    if metric.startswith("acc"):
-        return f"{value * 100:{sign}.2f}"
-    return f"{value:{sign}.4f}"
-
-
-def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the report table (members, mean ± std, ensemble, gain)."""
-    splits = [s for s in SPLITS if s in report]
-    header = ["model"]
-    for split in splits:
-        suffix = "" if split == "test" else " TTA"
-        header += [f"{name}{suffix}" for name in ("acc %", "NLL", "ECE", "Brier")]
-    rows = []
-    for i, member in enumerate(report["members"]):
-        row = [f"seed {member['seed']}"]
-        for split in splits:
-            row += [_fmt(k, report[split]["members"][i][k]) for k in METRICS]
-        rows.append(row)
-    mean_row, ens_row, gain_row = ["mean ± std"], ["ensemble"], ["gain over mean"]
-    for split in splits:
-        s = report[split]
-        mean_row += [f"{_fmt(k, s['mean'][k])} ± {_fmt(k, s['std'][k])}" for k in METRICS]
-        ens_row += [_fmt(k, s["ensemble"][k]) for k in METRICS]
-        gain_row += [_fmt(k, s["gain"][k], signed=True) for k in METRICS]
-    return header, [*rows, mean_row, ens_row, gain_row]
-
-
-def markdown(report: dict) -> str:
-    header, rows = table_rows(report)
-    test = report["test_set"]
-    seeds = ", ".join(str(s) for s in report["seeds"])
-    lines = [f"# Ensemble of {len(report['members'])} members (seeds {seeds})", ""]
-    if report["setting"]:
-        title = report.get("name") or _title(report["setting"])
-        lines += [f"Setting: `{title}`", ""]
-        if title != _title(report["setting"]):  # a preset: the keys it changes
-            changed = ", ".join(f"`{k}={v}`" for k, v in report["setting"].items())
-            lines += [f"Its configuration differs from the other settings in {changed}.", ""]
-    lines += [
-        f"Test set: {test['samples']} images, {test['classes']} classes, "
-        f"split_seed {test['split_seed']}.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" + "---:|" * (len(header) - 1),
-        *("| " + " | ".join(row) + " |" for row in rows),
-        "",
-    ]
-    for split, name in SPLITS.items():
-        if split in report:
-            d = report[split]["disagreement"]
-            lines.append(
-                f"- Diversity ({name}): members disagree on {d['mean'] * 100:.2f} % of the test "
-                "images (mean over pairs)."
-            )
-    if report["tta"]:
-        lines.append(f"- TTA: {_tta_text(report['tta'])}.")
-    for run in report["left_out"]:
-        lines.append(f"- Left out: seed {run['seed']} (run {run['path']}): {run['reason']}")
-    lines += ["", report["notes"], ""]
-    return "\n".join(lines)
-
-
-def _tta_text(tta: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in tta.items() if k != "interpolation")
-
-
-def print_table(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    header, rows = table_rows(report)
-    seeds = ", ".join(str(s) for s in report["seeds"])
-    title = f"Ensemble of {len(report['members'])} members (seeds {seeds})"
-    if report["setting"]:
-        title += " - " + (report.get("name") or _title(report["setting"]))
-    caption = "TTA: " + _tta_text(report["tta"]) if report["tta"] else None
-    table = Table(title=title, caption=caption)
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
-    for i, row in enumerate(rows):
-        table.add_row(*row, style="bold" if i == len(rows) - 2 else None)
-    console = Console()
-    if not console.is_terminal:  # a log file or a pipe: do not squeeze the table into 80 columns
-        console = Console(width=200)
-    console.print(table)
-
-
 def write_report(
-    report: dict, predictions: dict[str, list[dict]], out_dir: Path, *, plots: bool = True
+    report: dict,
+    predictions: dict[str, list[dict]],
+    out_dir: Path,
+    *,
+    plots: bool = True,
+    runs: list[Run] | None = None,
 ) -> Path:
-    """``report.json``, ``report.md`` and (``plots``) ``reliability.png``, ``confusion.png``."""
+    """``report.json``, ``report.md`` and (``plots``) ``reliability.png`` (raw and calibrated),
+    ``confusion.png`` and ``learning_curves.png`` (from the members' ``runs``)."""
+    from tasks.report_text import markdown
+
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", markdown(report))
     if plots:
-        from lightning_modules.figures.model_figures import confusion_matrix, plot_confusion
-        from lightning_modules.figures.report_figures import reliability_figure
-
-        targets = predictions["test"][0]["targets"]
-        names = predictions["test"][0]["class_names"].tolist()
-        panels = {}
-        for split, name in SPLITS.items():
-            if split in predictions:
-                probs = [p["probs"] for p in predictions[split]]
-                title = f"TTA {report['tta']['mode']}" if split == "test_tta" else name
-                panels[title] = (probs, np.mean(np.stack(probs), axis=0))
-        reliability_figure(
-            out_dir / "reliability.png",
-            panels,
-            targets,
-            member_labels=[f"seed {s}" for s in report["seeds"]],
-        )
-        ensemble = next(iter(panels.values()))[1]
-        plot_confusion(
-            out_dir / "confusion.png",
-            confusion_matrix(targets, ensemble.argmax(1), len(names)),
-            names,
-            title="Ensemble, single view",
-        )
+        _write_figures(report, predictions, out_dir, runs or [])
     return out_dir / "report.md"
 
 
-def _title(label: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in label.items())
+def _write_figures(report: dict, predictions: dict, out_dir: Path, runs: list[Run]) -> None:
+    from lightning_modules.calibration import apply_temperature
+    from lightning_modules.figures.learning_curves import learning_curves_figure, read_curves
+    from lightning_modules.figures.model_figures import confusion_matrix, plot_confusion
+    from lightning_modules.figures.report_figures import reliability_figure
+
+    targets = predictions["test"][0]["targets"]
+    names = predictions["test"][0]["class_names"].tolist()
+    panels = {}
+    for split, name in SPLITS.items():
+        if split in predictions:
+            probs = [p["probs"] for p in predictions[split]]
+            title = f"TTA {report['tta']['mode']}" if split == "test_tta" else name
+            panels[title] = (probs, np.mean(np.stack(probs), axis=0))
+    cal = report.get("calibration", {}).get("test")
+    if cal is not None:  # the single view after temperature scaling
+        probs = [p["probs"] for p in predictions["test"]]
+        calibrated = [
+            apply_temperature(p, m["temperature"])
+            for p, m in zip(probs, cal["members"], strict=True)
+        ]
+        pooled = np.mean(np.stack([p.astype(np.float64) for p in probs]), axis=0)
+        panels["single view, calibrated"] = (
+            calibrated,
+            apply_temperature(pooled, cal["ensemble"]["temperature"]),
+        )
+    labels = [f"seed {s}" for s in report["seeds"]]
+    reliability_figure(out_dir / "reliability.png", panels, targets, member_labels=labels)
+    ensemble = next(iter(panels.values()))[1]
+    plot_confusion(
+        out_dir / "confusion.png",
+        confusion_matrix(targets, ensemble.argmax(1), len(names)),
+        names,
+        title="Ensemble, single view",
+    )
+    curves = {r.label: c for r in runs if (c := read_curves(r.path)) is not None}
+    if curves:
+        unfreeze = None
+        if runs and (runs[0].path / "metrics.json").is_file():
+            unfreeze = read_metrics(runs[0].path).get("unfreeze_epochs")
+        learning_curves_figure(
+            out_dir / "learning_curves.png",
+            curves,
+            unfreeze_epochs=unfreeze,
+            title=report.get("name") or None,
+        )
 
 
 def _slug(label: dict[str, Any]) -> str:
@@ -500,13 +513,20 @@ def _slug(label: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------- entry points
 def report_runs(
-    paths: list[Path], out_dir: Path, *, plots: bool = True, strict: bool = False
+    paths: list[Path],
+    out_dir: Path,
+    *,
+    plots: bool = True,
+    strict: bool = False,
+    options: ReportOptions | None = None,
 ) -> list[Path]:
     """Write one report per setting found among ``paths``; returns the ``report.md`` paths.
 
     ``strict`` (the ``ensemble`` task): mismatched members and "nothing to report" raise
     :class:`UserError`. Otherwise (after a multirun) they are logged and the others go on.
+    ``options`` (else the defaults with ``plots``): what the reports compute.
     """
+    options = options or ReportOptions(plots=plots)
     runs = _member_runs(paths, strict=strict)
     if not runs:
         if strict:
@@ -522,12 +542,45 @@ def report_runs(
     written = []
     for group in groups:
         target = out_dir / _slug(group.name or group.label) if several else out_dir
-        path = _report_group(group, target, several=several, plots=plots, strict=strict)
+        path = _report_group(group, target, several=several, options=options, strict=strict)
         if path is not None:
             written.append(path)
     if strict and not written:
         raise _no_ensemble_error(groups, n_runs=len(runs))
+    reported = [g for g in groups if g.predictions is not None]
+    if len(reported) > 1:  # a grid: the settings against each other
+        from tasks.compare import compare
+
+        compare(
+            [(g.title, g.predictions) for g in reported],
+            out_dir,
+            resamples=options.resamples,
+            level=options.level,
+            seed=options.seed,
+            plots=options.plots,
+        )
     return written
+
+
+def setting_predictions(paths: list[Path]) -> list[tuple[str, dict]]:
+    """``(title, members' predictions)`` of every setting among ``paths`` with enough finished,
+    matching members (the others are logged and left out)."""
+    groups = group_runs(_member_runs(paths, strict=True))
+    out = []
+    for group in groups:
+        members = group.members
+        for run in group.left_out:
+            log.warning("Left out: %s (%s): %s", run.label, run.path, run.reason)
+        if len(members) < MIN_MEMBERS:
+            log.warning(
+                "Left out of the comparison: %s (%d finished run(s)).", group.title, len(members)
+            )
+            continue
+        predictions = load_members(members)
+        for preds in predictions.values():
+            check_members(members, preds)
+        out.append((group.title, predictions))
+    return out
 
 
 def _member_runs(paths: list[Path], *, strict: bool) -> list[Run]:
@@ -544,7 +597,7 @@ def _member_runs(paths: list[Path], *, strict: bool) -> list[Run]:
 
 
 def _report_group(
-    group: Group, out_dir: Path, *, several: bool, plots: bool, strict: bool
+    group: Group, out_dir: Path, *, several: bool, options: ReportOptions, strict: bool
 ) -> Path | None:
     """One setting's report in ``out_dir``: its ``report.md``, or ``None`` (logged) when the
     group has too few members or they do not match (with ``strict``, that raises)."""
@@ -569,11 +622,66 @@ def _report_group(
             raise
         log.error("No ensemble report%s: %s", f" for {group.title}" if several else "", err)
         return None
-    report = build_report(group, predictions)
-    path = write_report(report, predictions, out_dir, plots=plots)
+    soups = _soups(group, predictions, out_dir) if options.soups else None
+    report = build_report(group, predictions, soups=soups, options=options)
+    group.predictions = predictions
+    path = write_report(report, predictions, out_dir, plots=options.plots, runs=members)
+    _store_temperatures(report, members, out_dir)
+    from tasks.report_text import print_table
+
     print_table(report)
     log.info("Ensemble report: %s", path)
     return path
+
+
+def _store_temperatures(report: dict, members: list[Run], out_dir: Path) -> None:
+    """The ensemble's pooled temperatures with its members' checkpoints (``calibration.json``,
+    for ``calibrate=true`` in eval/predict); members without a checkpoint: nothing stored."""
+    from lightning_modules.calibration import write_ensemble_calibration
+    from lightning_modules.checkpoints import find_checkpoints
+
+    fitted = {s: c["ensemble"]["temperature"] for s, c in report.get("calibration", {}).items()}
+    if not fitted:
+        return
+    try:
+        checkpoints = [find_checkpoints(r.path)[0] for r in members]
+    except UserError:
+        return
+    mode = (report.get("tta") or {}).get("mode")
+    write_ensemble_calibration(out_dir, checkpoints, fitted, tta_mode=mode)
+
+
+def _soups(group: Group, predictions: dict[str, list[dict]], out_dir: Path) -> dict:
+    """``{"soupable", "reason", "soups"}`` of a setting's members (:mod:`tasks.soups`): nothing
+    is loaded unless every member recorded the same initial weights. A failure while making
+    them is logged; the rest of the report stands."""
+    from lightning_modules.checkpoints import find_checkpoints
+    from lightning_modules.data_contract import read_run_contract
+    from tasks.soups import build_soups, soupable
+
+    members = group.members
+    contracts = [read_run_contract(r.path) for r in members]
+    ok, reason = soupable(contracts)
+    if ok and "val" not in predictions:
+        ok, reason = False, "not soupable: no validation predictions to choose the greedy soup"
+    if not ok:
+        log.info("Soups: %s.", reason)
+        return {"soupable": False, "reason": reason, "soups": None}
+    try:
+        checkpoints = [find_checkpoints(r.path)[0] for r in members]
+        targets = predictions["val"][0]["targets"]
+        soups = build_soups(
+            members,
+            checkpoints,
+            out_dir,
+            contract=contracts[0],
+            tta_config=_tta_setting(group) or None,
+            val_accuracy=[M.accuracy(p["probs"], targets) for p in predictions["val"]],
+        )
+    except Exception as err:  # the members' report must not depend on the soups
+        log.exception("Soups of %s failed", group.title)
+        return {"soupable": True, "reason": f"failed: {type(err).__name__}: {err}", "soups": None}
+    return {"soupable": True, "reason": reason, "soups": soups}
 
 
 def _no_ensemble_error(groups: list[Group], *, n_runs: int) -> UserError:
@@ -606,6 +714,7 @@ def ensemble_task(cfg) -> tuple[dict, dict]:
         spec = OmegaConf.to_container(spec)
     out_dir = Path(cfg.paths.output_dir)
     paths = find_runs(spec)
-    written = report_runs(paths, out_dir, plots=bool(cfg.ensemble.get("plots", True)), strict=True)
+    options = ReportOptions.from_config(cfg.ensemble)
+    written = report_runs(paths, out_dir, strict=True, options=options)
     reports = [json.loads(p.with_name("report.json").read_text()) for p in written]
     return {"reports": [str(p) for p in written]}, {"reports": reports}

@@ -58,6 +58,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     datamodule_config, datamodule = _test_datamodule(cfg, contract, model)
 
     tta = tta_callback(cfg, datamodule)
+    temperatures = _temperatures(cfg, checkpoints, tta)  # calibrate=true: refused before testing
     loggers = instantiate_all(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=[tta] if tta else [], logger=loggers or False)
     for logger in loggers:
@@ -73,8 +74,58 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     }
     if trainer.is_global_zero:
         _write_outputs(out_dir, metrics, datamodule, model, tta, datamodule_config)
+        metrics.update(_calibrated(out_dir, temperatures, datamodule))
+        if temperatures:
+            from lightning_modules.run_outputs import write_metrics
+
+            write_metrics(out_dir, metrics)
     log.info("%s: %s", "Ensemble" if len(checkpoints) > 1 else "Checkpoint", summary(metrics))
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+
+
+def _temperatures(cfg: DictConfig, checkpoints: list[Path], tta) -> dict[str, float]:
+    """``calibrate=true``: the stored temperature per prediction file (``test``, and
+    ``test_tta`` with TTA) of these checkpoints (:func:`lightning_modules.calibration.temperature_for`)."""
+    if not cfg.get("calibrate"):
+        return {}
+    from lightning_modules.calibration import calibration_source, temperature_for
+
+    out = {
+        "test": temperature_for(checkpoints, tta_mode=None, file=calibration_source(cfg.calibrate))
+    }
+    if tta is not None:
+        out["test_tta"] = temperature_for(
+            checkpoints, tta_mode=tta.tta.mode, file=calibration_source(cfg.calibrate)
+        )
+    log.info("Calibrated with the stored temperature(s): %s", out)
+    return out
+
+
+def _calibrated(out_dir: Path, temperatures: dict[str, float], datamodule) -> dict[str, float]:
+    """``predictions/<split>_calibrated.npz`` and ``<split>_calibrated/*`` metrics of the saved
+    predictions scaled by their temperature (``calibration/temperature``, ``_tta``)."""
+    from lightning_modules import metrics as M
+    from lightning_modules.calibration import apply_temperature
+    from lightning_modules.run_outputs import load_predictions, save_predictions
+
+    out = {}
+    for split, temperature in temperatures.items():
+        saved = load_predictions(out_dir, split)
+        probs = apply_temperature(saved["probs"], temperature)
+        save_predictions(
+            out_dir,
+            f"{split}_calibrated",
+            probs=probs,
+            targets=saved["targets"],
+            ids=saved["ids"].tolist(),
+            class_names=saved["class_names"].tolist(),
+        )
+        suffix = "" if split == "test" else "_tta"
+        out[f"calibration/temperature{suffix}"] = temperature
+        out.update(
+            {f"{split}_calibrated/{k}": v for k, v in M.summarize(probs, saved["targets"]).items()}
+        )
+    return out
 
 
 def _test_datamodule(cfg: DictConfig, contract, model):

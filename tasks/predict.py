@@ -68,6 +68,7 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
         mirror_invariant=inputs["mirror_invariant"],
         interpolation=inputs["interpolation"],
     ).tta  # the views only: predict has no test step to hook into
+    temperature = _temperature(cfg, checkpoints, tta)  # before predicting: refused early
     views = tta.image_views(
         image_size=inputs["image_size"],
         mean=inputs["mean"],
@@ -84,6 +85,8 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
     trainer = instantiate(cfg.trainer, callbacks=[], logger=False)
     batches = trainer.predict(Predictor(model, tta), dataloaders=loader)
     probs = torch.cat([b["probs"] for b in batches]).float()
+    if temperature is not None:
+        probs = _calibrated(probs, temperature)
     readable = torch.cat([b["readable"] for b in batches])
     index = torch.cat([b["index"] for b in batches])
 
@@ -101,6 +104,26 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
     log.info("Predictions for %d images (tta=%s): %s", rows, tta.mode, output)
     metrics = {"predictions": str(output), "images": rows, "unreadable": len(skipped)}
     return metrics, {"cfg": cfg, "model": model, "trainer": trainer, "probs": probs}
+
+
+def _temperature(cfg: DictConfig, checkpoints: list[Path], tta) -> float | None:
+    """``calibrate=true``: the temperature stored for these checkpoints and this TTA."""
+    if not cfg.get("calibrate"):
+        return None
+    from lightning_modules.calibration import calibration_source, temperature_for
+
+    return temperature_for(
+        checkpoints,
+        tta_mode=tta.mode if tta.enabled else None,
+        file=calibration_source(cfg.calibrate),
+    )
+
+
+def _calibrated(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    from lightning_modules.calibration import apply_temperature
+
+    log.info("Probabilities calibrated with temperature %.4f.", temperature)
+    return torch.from_numpy(apply_temperature(probs.numpy(), temperature)).float()
 
 
 def output_file(cfg: DictConfig) -> Path:
@@ -134,8 +157,8 @@ def write_csv(
     path: Path, files: list[Path], probs: torch.Tensor, readable: torch.Tensor, class_names
 ) -> int:
     """One row per readable image: path, predicted class, confidence, per-class probabilities;
-    written atomically (``run_outputs._atomic_write``), so ``path`` is never half-written."""
-    from lightning_modules.run_outputs import _atomic_write
+    written atomically (``run_outputs.atomic_write``), so ``path`` is never half-written."""
+    from lightning_modules.run_outputs import atomic_write
 
     confidence, predicted = probs.max(1)
     rows = [
@@ -157,5 +180,5 @@ def write_csv(
             )
             writer.writerows(rows)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return len(rows)

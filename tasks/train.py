@@ -41,7 +41,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     model, finetuning = build_model(cfg, datamodule)
     unfreeze = instantiate(finetuning.callback) if finetuning.callback else None
     tta = tta_callback(cfg, datamodule)
-    trainer = _trainer(cfg, datamodule, seed, extra=[unfreeze, tta])
+    trainer = _trainer(cfg, datamodule, seed, extra=[unfreeze, tta], model=model)
 
     log.info("Run directory: %s", out_dir)
     warn_if_few_steps(cfg, datamodule)
@@ -72,8 +72,12 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     metrics["best_ckpt"] = str(Path(best).relative_to(out_dir)) if best else None
     metrics["epochs"] = trainer.current_epoch
     metrics["finetune"] = finetuning.strategy
+    plan = getattr(unfreeze, "plan", None)
+    metrics["unfreeze_epochs"] = list(plan.unfreeze_epochs) if plan is not None else None
     if trainer.is_global_zero:
-        _write_outputs(out_dir, metrics, datamodule=datamodule, model=model, tta=tta)
+        _write_outputs(
+            out_dir, metrics, datamodule=datamodule, model=model, tta=tta, trainer=trainer
+        )
     log.info("Seed %s: %s", seed, summary(metrics))
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
 
@@ -111,9 +115,11 @@ def warn_if_few_steps(cfg: DictConfig, datamodule) -> int | None:
     return steps
 
 
-def _trainer(cfg: DictConfig, datamodule, seed: int, *, extra: list):
+def _trainer(cfg: DictConfig, datamodule, seed: int, *, extra: list, model=None):
     """The Trainer with the run's loggers and callbacks: the configured ones, the step seed, the
-    stop on a non-finite loss, the data contract, and ``extra`` (the unfreeze and TTA callbacks, None when not used)."""
+    stop on a non-finite loss, the data contract (with the digest of ``model``'s initial
+    backbone weights, which tells whether members can be souped), and ``extra`` (the unfreeze
+    and TTA callbacks, None when not used)."""
     from callbacks.data_contract import DataContract
     from callbacks.non_finite_loss import StopOnNonFiniteLoss
     from callbacks.step_seed import StepSeed
@@ -123,7 +129,7 @@ def _trainer(cfg: DictConfig, datamodule, seed: int, *, extra: list):
     loggers = instantiate_all(cfg.get("logger"))
     callbacks = instantiate_all(cfg.get("callbacks"))
     callbacks += [StepSeed(seed), StopOnNonFiniteLoss()]
-    contract = DataContract.of_run(cfg, datamodule, Path(cfg.paths.output_dir))
+    contract = DataContract.of_run(cfg, datamodule, Path(cfg.paths.output_dir), model=model)
     if cfg.get("ckpt_path") and Path(str(cfg.ckpt_path)).expanduser().is_dir():
         raise UserError(
             f"ckpt_path={cfg.ckpt_path} is a folder: training resumes from a checkpoint file "
@@ -146,8 +152,10 @@ def _trainer(cfg: DictConfig, datamodule, seed: int, *, extra: list):
     return trainer
 
 
-def _write_outputs(out_dir: Path, metrics: dict, *, datamodule, model, tta) -> None:
-    """Test predictions (a file per task for multi-task data), then ``metrics.json``."""
+def _write_outputs(out_dir: Path, metrics: dict, *, datamodule, model, tta, trainer) -> None:
+    """Test predictions (a file per task for multi-task data); for a classifier also its
+    validation predictions and the temperatures fitted on them (next to the best checkpoint);
+    then ``metrics.json``."""
     from lightning_modules.run_outputs import save_test_results, write_metrics
 
     if getattr(datamodule, "tasks", None) is not None:
@@ -157,6 +165,25 @@ def _write_outputs(out_dir: Path, metrics: dict, *, datamodule, model, tta) -> N
         save_task_predictions(out_dir, "test", model.test_outputs, ids=ids, tasks=model.tasks)
     else:
         save_test_results(out_dir, metrics, datamodule=datamodule, model=model, tta=tta)
+        if not trainer.fast_dev_run:  # a smoke test: one batch, nothing to calibrate on
+            from lightning_modules.calibration import calibrate_run
+            from lightning_modules.run_outputs import save_val_results
+
+            save_val_results(
+                out_dir,
+                datamodule=datamodule,
+                model=model,
+                tta=tta.tta if tta is not None else None,
+                forward_context=trainer.precision_plugin.forward_context,
+            )
+            best = metrics.get("best_ckpt")
+            metrics.update(
+                calibrate_run(
+                    out_dir,
+                    checkpoint=out_dir / best if best else None,
+                    tta_mode=tta.tta.mode if tta is not None else None,
+                )
+            )
     write_metrics(out_dir, metrics)
 
 

@@ -36,12 +36,12 @@ class EnsembleReport(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             from lightning_modules.run_outputs import list_runs
-            from tasks.ensemble import report_runs
+            from tasks.ensemble import ReportOptions, report_runs
 
             report_runs(
                 list_runs(sweep_dir),
                 sweep_dir / REPORT_DIR,
-                plots=bool(options.get("plots", True)),
+                options=ReportOptions.from_config(options),
             )
         except UserError as err:
             log.error("No ensemble report: %s", err)
