@@ -58,9 +58,18 @@ def test_multirun_ends_with_the_report_of_the_members_that_finished(seed_sweep):
         disagree = (preds[0]["probs"].argmax(1) != preds[1]["probs"].argmax(1)).mean()
         assert report[split]["disagreement"]["mean"] == pytest.approx(disagree)
 
+    for run in ("0", "1"):  # every member also wrote validation predictions and a temperature
+        val, logged = load_predictions(sweep_dir / run, "val"), read_metrics(sweep_dir / run)
+        assert len(val["ids"]) == 269 and val["probs"].shape == (269, 10)
+        assert logged["calibration/temperature"] > 0 and "test_tta_calibrated/nll" in logged
+        assert (sweep_dir / run / "checkpoints" / "best.calibration.json").is_file()
+    assert report["soups"]["soupable"] is False  # from scratch: different initial weights
+    assert set(report["calibration"]) == {"test", "test_tta"}
+    assert "ensemble − mean member" in report["gains"]["test"]
     md = (sweep_dir / "ensemble" / "report.md").read_text()
     assert "| ensemble |" in md and "acc % TTA" in md and "Left out: seed -1" in md
-    for figure in ("reliability.png", "confusion.png"):
+    assert "## Calibration" in md and "## 95 % intervals" in md
+    for figure in ("reliability.png", "confusion.png", "learning_curves.png"):
         data = (sweep_dir / "ensemble" / figure).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert "Ensemble of 2 members (seeds 1, 2)" in proc.stdout  # the printed table
