@@ -31,6 +31,8 @@ from lightning_modules.metrics import ECE_BINS, PROB_FLOOR, accuracy, brier, ece
 METRICS = ("acc", "nll", "ece", "brier")
 DEFAULT_RESAMPLES = 2000
 DEFAULT_LEVEL = 0.95
+# a difference this close to 0 is 0: means of the same counts in another order round differently
+ROUNDING = 1e-12
 MIN_RESAMPLES = 100  # fewer give percentile intervals too rough to report
 _CHUNK = 512  # resamples per matrix product: bounds the float copy of counts on large test sets
 
@@ -192,7 +194,7 @@ def difference(
             "value": _value(value_a[metric]) - _value(value_b[metric]),
             "lo": lo,
             "hi": hi,
-            "distinguishable": bool(lo > 0.0 or hi < 0.0),
+            "distinguishable": bool(lo > ROUNDING or hi < -ROUNDING),
         }
     return out
 

@@ -26,11 +26,14 @@ A run's fitted temperatures are stored next to its best checkpoint
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from lightning_modules import metrics
+
+log = logging.getLogger(__name__)
 
 MAX_STEPS = 200  # bisection alone halves a bracket of width 100 to 1e-8 relative in ~40
 
@@ -117,6 +120,29 @@ def fit_temperature(
     return float(1.0 / beta)
 
 
+BOUNDS = (0.01, 100.0)  # the temperatures searched; a fit that ends on one has no minimum inside
+
+
+def usable_temperature(probs: np.ndarray, targets: np.ndarray) -> tuple[float | None, str | None]:
+    """``(T, None)`` when the validation NLL has its minimum inside :data:`BOUNDS`, else
+    ``(None, why)``: a temperature that ends on a bound is not a fit but a direction. Typically
+    every validation image is right, the NLL keeps falling as ``T -> 0``, and that temperature
+    would make every test error certain (an infinite NLL): refused, never applied."""
+    temperature = fit_temperature(probs, targets, bounds=BOUNDS)
+    if temperature <= BOUNDS[0] * (1 + 1e-9):
+        errors = int((np.asarray(probs).argmax(1) != np.asarray(targets)).sum())
+        return None, (
+            f"no temperature: the validation NLL keeps falling as T -> 0 ({errors} of "
+            f"{len(targets)} validation images wrong); use a larger validation set"
+        )
+    if temperature >= BOUNDS[1] * (1 - 1e-9):
+        return (
+            None,
+            "no temperature: the validation NLL keeps falling as T grows (chance-level predictions)",
+        )
+    return temperature, None
+
+
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     """``softmax(log(probs) / temperature)`` in float64, rows summing to 1.
 
@@ -147,13 +173,23 @@ def calibration_summary(
         raise ValueError(
             f"validation has {val_probs.shape[1]} classes but test has {test_probs.shape[1]}"
         )
-    temperature = fit_temperature(val_probs, val_targets)
+    temperature, reason = usable_temperature(val_probs, val_targets)
+    before = metrics.summarize(test_probs, test_targets)
+    if temperature is None:  # refused: no minimum inside the bounds
+        val_nll = metrics.nll(val_probs, val_targets)
+        return {
+            "temperature": None,
+            "reason": reason,
+            "val_nll_before": val_nll,
+            "val_nll_after": None,
+            "test": {"before": before, "after": None},
+        }
     return {
         "temperature": temperature,
         "val_nll_before": metrics.nll(val_probs, val_targets),
         "val_nll_after": metrics.nll(apply_temperature(val_probs, temperature), val_targets),
         "test": {
-            "before": metrics.summarize(test_probs, test_targets),
+            "before": before,
             "after": metrics.summarize(apply_temperature(test_probs, temperature), test_targets),
         },
     }
@@ -196,6 +232,9 @@ def calibrate_run(
         v, t = load_predictions(run_dir, prefix + val), load_predictions(run_dir, prefix + test)
         summary = calibration_summary(v["probs"], v["targets"], t["probs"], t["targets"])
         fitted[test] = summary
+        if summary["temperature"] is None:
+            log.warning("Calibration (%s): %s.", test, summary["reason"])
+            continue
         suffix = "" if test == "test" else "_tta"
         out[f"calibration/temperature{suffix}"] = summary["temperature"]
         for key in ("nll", "ece", "brier"):
@@ -245,6 +284,9 @@ def stored_temperature(checkpoint, *, tta: bool = False, tta_mode: str | None = 
             "checkpoint changed since): re-run the training run's test, or calibrate=false."
         )
     split = "test_tta" if tta else "test"
+    if split in data.get("temperature", {}) and data["temperature"][split] is None:
+        reason = data.get("fits", {}).get(split, {}).get("reason", "no temperature was fitted")
+        raise UserError(f"calibrate=true: {checkpoint}: {reason}; or calibrate=false.")
     if split not in data.get("temperature", {}):
         raise UserError(
             f"calibrate=true: {path} has no temperature for {'TTA' if tta else 'single-view'} "
@@ -334,6 +376,11 @@ def _ensemble_temperature(path: Path, digests: list[str], *, tta: bool, tta_mode
         raise UserError(
             f"calibrate: the TTA temperature in {path} was fitted with tta={data['tta_mode']}, "
             f"not tta={tta_mode}: use that tta, tta=none, or calibrate=false."
+        )
+    if data.get("temperature", {}).get(split, 0) is None:
+        raise UserError(
+            f"calibrate: {path} records that no temperature could be fitted for these "
+            "checkpoints (see its report's calibration table): calibrate=false."
         )
     if split not in data.get("temperature", {}):
         raise UserError(

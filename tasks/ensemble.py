@@ -470,10 +470,10 @@ def _write_figures(report: dict, predictions: dict, out_dir: Path, runs: list[Ru
             title = f"TTA {report['tta']['mode']}" if split == "test_tta" else name
             panels[title] = (probs, np.mean(np.stack(probs), axis=0))
     cal = report.get("calibration", {}).get("test")
-    if cal is not None:  # the single view after temperature scaling
+    if cal is not None and cal["ensemble"]["temperature"] is not None:  # after scaling
         probs = [p["probs"] for p in predictions["test"]]
         calibrated = [
-            apply_temperature(p, m["temperature"])
+            p if m["temperature"] is None else apply_temperature(p, m["temperature"])
             for p, m in zip(probs, cal["members"], strict=True)
         ]
         pooled = np.mean(np.stack([p.astype(np.float64) for p in probs]), axis=0)
@@ -641,6 +641,7 @@ def _store_temperatures(report: dict, members: list[Run], out_dir: Path) -> None
     from lightning_modules.checkpoints import find_checkpoints
 
     fitted = {s: c["ensemble"]["temperature"] for s, c in report.get("calibration", {}).items()}
+    # (None: refused, recorded so that calibrate=true says why)
     if not fitted:
         return
     try:

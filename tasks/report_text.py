@@ -99,6 +99,9 @@ def calibration_rows(report: dict) -> tuple[list[str], list[list[str]]]:
         ]
         entries.append(("ensemble", raw["ensemble"], cal["ensemble"]))
         for name, before, after in entries:
+            if after["temperature"] is None:  # refused: no minimum inside the bounds
+                rows.append([name, views, "-", after["reason"], "", ""])
+                continue
             rows.append(
                 [name, views, f"{after['temperature']:.3f}"]
                 + [f"{fmt(k, before[k])} → {fmt(k, after[k])}" for k in ("nll", "ece", "brier")]
@@ -182,7 +185,12 @@ def markdown(report: dict) -> str:
             "probabilities); test metrics before → after. Accuracy does not change.",
             "",
             *_md_table(header, rows),
-            f"For the ensemble (single view), {cal['better']} is better here (test NLL).",
+            f"For the ensemble (single view), {cal['better']} is better here (test NLL)"
+            + (
+                "."
+                if cal["ensemble"]["temperature"] is not None
+                else ": no temperature could be fitted."
+            ),
             "",
         ]
     header, rows = interval_rows(report)

@@ -384,3 +384,56 @@ def _mask(value, secrets: list[str], key: str = ""):
         for secret in secrets:
             value = value.replace(secret, MASK)
     return value
+
+
+# ---------------------------------------------------------------------------- the seed report
+REPORT_SECTIONS = ("test", "test_tta", "calibration", "intervals", "gains")
+
+
+def report_numbers(report: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of an ensemble report (``report.json``) as flat ``a/b/c`` keys: the members'
+    mean, std, the ensemble, its gain, temperatures, every interval and paired gain (lists, such
+    as per-member rows, are left out: the intervals name each member)."""
+    out: dict[str, float] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(value, f"{prefix}/{key}" if prefix else str(key))
+        elif isinstance(node, (int, float)) and node == node:  # bools too; not NaN
+            out[prefix] = float(node)
+
+    for section in REPORT_SECTIONS:
+        if section in report:
+            walk(report[section], section)
+    return out
+
+
+def report_to_wandb(out_dir: str | Path, report: Mapping[str, Any], *, wandb_config, group: str):
+    """One wandb run per ensemble report, in the multirun's ``group`` with job type
+    ``ensemble``: :func:`report_numbers` as its summary and the report's PNGs as images. The
+    mode follows ``logger.wandb`` (offline without a login); ``disabled`` logs nothing."""
+    wandb = _require("wandb", "wandb")
+    out_dir = Path(out_dir)
+    chosen, _ = _online_if_reachable(*wandb_mode(wandb_config.get("mode")), save_dir=out_dir)
+    if chosen == "disabled":
+        return None
+    settings = dict(wandb_config.get("settings") or {})
+    run = wandb.init(
+        dir=str(out_dir),
+        project=wandb_config.get("project") or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+        entity=wandb_config.get("entity"),
+        group=short_label(group),
+        job_type="ensemble",
+        name=short_label(f"ensemble {report.get('name') or ''}".strip()),
+        mode=chosen,
+        settings=wandb.Settings(**settings),
+    )
+    try:
+        run.summary.update(report_numbers(report))
+        images = {p.stem: wandb.Image(str(p)) for p in sorted(out_dir.glob("*.png"))}
+        if images:
+            run.log(images)
+    finally:
+        run.finish()
+    return run

@@ -23,7 +23,7 @@ import numpy as np
 
 from lightning_modules import bootstrap as B
 from lightning_modules import metrics as M
-from lightning_modules.calibration import apply_temperature, fit_temperature
+from lightning_modules.calibration import apply_temperature, usable_temperature
 
 SPLITS = {"test": "val", "test_tta": "val_tta"}  # test split -> the validation split it uses
 METRICS = ("acc", "nll", "ece", "brier")
@@ -31,30 +31,41 @@ METRICS = ("acc", "nll", "ece", "brier")
 
 def calibration(val: list[np.ndarray], val_targets, test: list[np.ndarray], targets) -> dict:
     """Members and ensemble, raw and calibrated: ``{"members": [...], "ensemble": {...},
-    "probs": {"members": [...], "ensemble": ...}}`` (probs: calibrated test probabilities)."""
+    "probs": {"members": [...], "ensemble": ...}}`` (probs: calibrated test probabilities).
+
+    A temperature that cannot be fitted (:func:`usable_temperature`: no minimum inside the
+    bounds) is refused: that model's entry has ``temperature`` None, its ``reason`` and its raw
+    metrics, and its probabilities stay as they are (the ensemble's: None, no calibrated row).
+    """
     members, member_probs = [], []
     for v, t in zip(val, test, strict=True):
-        temperature = fit_temperature(v, val_targets)
-        probs = apply_temperature(t, temperature)
+        temperature, reason = usable_temperature(v, val_targets)
+        probs = t if temperature is None else apply_temperature(t, temperature)
         member_probs.append(probs)
-        members.append({"temperature": temperature, **_summary(probs, targets)})
+        entry = {"temperature": temperature, **_summary(probs, targets)}
+        members.append(entry if reason is None else {**entry, "reason": reason})
     pooled_val = np.mean(np.stack([v.astype(np.float64) for v in val]), axis=0)
     pooled_test = np.mean(np.stack([t.astype(np.float64) for t in test]), axis=0)
-    temperature = fit_temperature(pooled_val, val_targets)
-    ensemble = apply_temperature(pooled_test, temperature)
+    temperature, reason = usable_temperature(pooled_val, val_targets)
     raw = _summary(pooled_test, targets)
-    calibrated = _summary(ensemble, targets)
-    return {
+    out = {
         "members": members,
         "mean": {k: float(np.mean([m[k] for m in members])) for k in METRICS},
-        "ensemble": {"temperature": temperature, **calibrated},
-        "ensemble_val_nll": {
-            "raw": M.nll(pooled_val, val_targets),
-            "calibrated": M.nll(apply_temperature(pooled_val, temperature), val_targets),
-        },
-        "better": "calibrated" if calibrated["nll"] < raw["nll"] else "raw",
-        "probs": {"members": member_probs, "ensemble": ensemble},
+        "ensemble_val_nll": {"raw": M.nll(pooled_val, val_targets), "calibrated": None},
+        "probs": {"members": member_probs, "ensemble": None},
     }
+    if temperature is None:
+        out.update(ensemble={"temperature": None, "reason": reason, **raw}, better="raw")
+        return out
+    ensemble = apply_temperature(pooled_test, temperature)
+    calibrated = _summary(ensemble, targets)
+    out["ensemble"] = {"temperature": temperature, **calibrated}
+    out["ensemble_val_nll"]["calibrated"] = M.nll(
+        apply_temperature(pooled_val, temperature), val_targets
+    )
+    out["better"] = "calibrated" if calibrated["nll"] < raw["nll"] else "raw"
+    out["probs"]["ensemble"] = ensemble
+    return out
 
 
 def best_member(val: list[np.ndarray], val_targets) -> int:
@@ -184,7 +195,9 @@ def _models(predictions, split, val_split, *, labels, best, soups) -> tuple[dict
     if val_split in predictions:
         val = [p["probs"] for p in predictions[val_split]]
         cal = calibration(val, predictions[val_split][0]["targets"], test, targets)
-        models["ensemble, calibrated"] = cal.pop("probs")["ensemble"]
+        calibrated = cal.pop("probs")["ensemble"]
+        if calibrated is not None:
+            models["ensemble, calibrated"] = calibrated
     for kind, soup in (soups or {}).items():
         if split in soup["predictions"]:
             models[f"{kind} soup"] = soup["predictions"][split]["probs"]

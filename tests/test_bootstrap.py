@@ -191,3 +191,11 @@ def _bad_calls():
 def test_bad_input_is_a_clear_value_error(case):
     with pytest.raises(ValueError):
         _bad_calls()[case]()
+
+
+def test_a_difference_of_rounding_error_is_not_distinguishable():
+    """0.1 + 0.2 - 0.3 is 5.6e-17, not a real gain (a mean of accuracies vs an accuracy)."""
+    a = {k: np.full(200, 0.1 + 0.2) for k in ("acc",)}
+    b = {k: np.full(200, 0.3) for k in ("acc",)}
+    out = B.difference(a, b, {"acc": 0.1 + 0.2}, {"acc": 0.3})
+    assert out["acc"]["lo"] > 0 and out["acc"]["distinguishable"] is False

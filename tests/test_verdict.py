@@ -215,3 +215,73 @@ def test_a_stored_temperature_is_used_only_for_its_own_checkpoint(tmp_path):
     other.write_bytes(b"x")
     with pytest.raises(UserError, match="no ensemble report fitted a temperature"):
         temperature_for([ckpt, other], tta_mode=None)
+
+
+def test_the_report_goes_to_wandb_with_the_same_numbers(tmp_path, monkeypatch):
+    import wandb
+
+    from tasks.tracking import report_numbers, report_to_wandb
+
+    for i in range(2):
+        _member(tmp_path / str(i), seed=i + 1, sharpness=2.0)
+    report, md = _report(tmp_path)
+    flat = report_numbers(report)
+    assert flat["test/ensemble/acc"] == report["test"]["ensemble"]["acc"]
+    assert (
+        flat["calibration/test/ensemble/temperature"]
+        == (report["calibration"]["test"]["ensemble"]["temperature"])
+    )
+    gain = report["gains"]["test"]["ensemble − mean member"]["nll"]
+    assert flat["gains/test/ensemble − mean member/nll/lo"] == gain["lo"]
+    seen = {}
+
+    class Run:
+        summary = seen
+
+        def log(self, data):
+            seen["images"] = sorted(data)
+
+        def finish(self):
+            seen["finished"] = True
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: seen.update(init=kw) or Run())
+    (md.parent / "reliability.png").write_bytes(b"")  # only its name matters here
+    monkeypatch.setattr(wandb, "Image", lambda path: path)
+    report_to_wandb(md.parent, report, wandb_config={"mode": "offline"}, group="sweep-7")
+    assert seen["init"]["group"] == "sweep-7" and seen["init"]["job_type"] == "ensemble"
+    assert seen["init"]["mode"] == "offline"
+    assert {k: seen[k] for k in flat} == flat and seen["finished"]
+    assert seen["images"] == ["reliability"]
+
+
+def test_a_temperature_that_cannot_be_fitted_is_refused_not_applied(tmp_path):
+    """Every validation image right: the NLL falls as T -> 0; that is no fit."""
+    for i in range(2):
+        _member(tmp_path / str(i), seed=i + 1, sharpness=1.0)
+        val = load_predictions(tmp_path / str(i), "val")
+        perfect = np.eye(C, dtype=np.float32)[val["targets"]] * 0.9 + 0.02
+        save_predictions(
+            tmp_path / str(i),
+            "val",
+            probs=perfect,
+            targets=val["targets"],
+            ids=val["ids"].tolist(),
+            class_names=CLASSES,
+        )
+    report, md = _report(tmp_path)
+    cal = report["calibration"]["test"]
+    assert cal["ensemble"]["temperature"] is None and "T -> 0" in cal["ensemble"]["reason"]
+    assert all(m["temperature"] is None for m in cal["members"])
+    assert cal["ensemble"]["nll"] == report["test"]["ensemble"]["nll"]  # left as it was
+    assert "ensemble, calibrated" not in report["intervals"]["test"]
+    assert "| - | no temperature: the validation NLL keeps falling" in md.read_text()
+    ckpt = tmp_path / "best.ckpt"
+    ckpt.write_bytes(b"w")
+    from lightning_modules.calibration import calibration_summary
+
+    v = load_predictions(tmp_path / "0", "val")
+    t = load_predictions(tmp_path / "0", "test")
+    summary = calibration_summary(v["probs"], v["targets"], t["probs"], t["targets"])
+    write_calibration(ckpt, {"test": summary})
+    with pytest.raises(UserError, match="0 of 300 validation images wrong"):
+        temperature_for([ckpt], tta_mode=None)

@@ -38,12 +38,30 @@ class EnsembleReport(Callback):
             from lightning_modules.run_outputs import list_runs
             from tasks.ensemble import ReportOptions, report_runs
 
-            report_runs(
+            written = report_runs(
                 list_runs(sweep_dir),
                 sweep_dir / REPORT_DIR,
                 options=ReportOptions.from_config(options),
             )
+            _to_wandb(config, written, group=sweep_dir.name)
         except UserError as err:
             log.error("No ensemble report: %s", err)
         except Exception:
             log.exception("The ensemble report of %s failed", sweep_dir)
+
+
+def _to_wandb(config: DictConfig, written: list[Path], *, group: str) -> None:
+    """Each report's numbers and figures to wandb, when the jobs logged there (``logger.wandb``)."""
+    import json
+
+    wandb_config = (config.get("logger") or {}).get("wandb")
+    if not wandb_config or not written:
+        return
+    from tasks.tracking import report_to_wandb
+
+    for path in written:
+        try:
+            report = json.loads(path.with_name("report.json").read_text())
+            report_to_wandb(path.parent, report, wandb_config=wandb_config, group=group)
+        except Exception:  # the report on disk stands; the tracker's copy is a convenience
+            log.exception("Could not log %s to wandb", path)
