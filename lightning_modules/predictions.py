@@ -11,7 +11,7 @@ file may depend on.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -24,6 +24,7 @@ def predict_split(
     *,
     tta=None,
     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+    rows: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{"probs": (N, C) float32, "targets": (N,), "rows": (N,)}`` of ``split`` on the CPU.
 
@@ -34,6 +35,7 @@ def predict_split(
         tta: a :class:`~lightning_modules.tta.TestTimeAugmentation`: the mean of its views'
             softmaxes instead of the single view.
         forward_context: e.g. a Trainer's ``precision_plugin.forward_context`` (autocast).
+        rows: only these rows of the split (those another model was tested on), else all.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -42,13 +44,13 @@ def predict_split(
     chunks = []
     try:
         if tta is not None and tta.enabled:
-            loader = datamodule.views_dataloader(split, tta)
+            loader = datamodule.views_dataloader(split, tta, rows=rows)
             for groups, y, rows in loader:
                 with context():
                     probs = tta.probabilities(model, [g.to(device) for g in groups])
                 chunks.append((probs.float().cpu(), y, rows))
         else:
-            loader = getattr(datamodule, f"{split}_dataloader")()
+            loader = _loader(datamodule, split, rows)
             for x, y, rows in loader:
                 with context():
                     probs = model(x.to(device)).float().softmax(-1)
@@ -58,3 +60,14 @@ def predict_split(
     probs, targets, rows = (torch.cat(parts) for parts in zip(*chunks, strict=True))
     order = torch.argsort(rows, stable=True)
     return {"probs": probs[order], "targets": targets[order], "rows": rows[order]}
+
+
+def _loader(datamodule, split: str, rows: Sequence[int] | None):
+    """The split's eval loader; with ``rows``, the same batches of those rows only."""
+    loader = getattr(datamodule, f"{split}_dataloader")()
+    if rows is None:
+        return loader
+    from torch.utils.data import DataLoader, Subset
+
+    subset = Subset(loader.dataset, list(rows))
+    return DataLoader(subset, batch_size=loader.batch_size, num_workers=loader.num_workers)

@@ -678,7 +678,12 @@ def _soups(group: Group, predictions: dict[str, list[dict]], out_dir: Path) -> d
             contract=contracts[0],
             tta_config=_tta_setting(group) or None,
             val_accuracy=[M.accuracy(p["probs"], targets) for p in predictions["val"]],
+            ids={s: predictions[s][0]["ids"].tolist() for s in ("val", "test")},
         )
+        for kind, soup in soups.items():  # scored on exactly the members' images
+            for split, preds in soup["predictions"].items():
+                if preds["ids"].tolist() != predictions[split][0]["ids"].tolist():
+                    raise ValueError(f"the {kind} soup's {split} images are not the members'")
     except Exception as err:  # the members' report must not depend on the soups
         log.exception("Soups of %s failed", group.title)
         return {"soupable": True, "reason": f"failed: {type(err).__name__}: {err}", "soups": None}

@@ -49,13 +49,16 @@ def build_soups(
     contract: dict,
     tta_config: dict | None,
     val_accuracy: list[float],
+    ids: dict[str, list[str]],
 ) -> dict[str, Any]:
     """Uniform and greedy soups of ``checkpoints`` (one per member, in member order), evaluated
     and written under ``out_dir/soups``.
 
     Returns ``{kind: {"checkpoint", "members", "predictions": {split: npz arrays},
     "bn_reestimated", "val_acc", "temperature"}}``; ``val_accuracy`` is each member's own
-    validation accuracy (its saved predictions), which orders the greedy soup.
+    validation accuracy (its saved predictions), which orders the greedy soup. ``ids``: per
+    split (``val``, ``test``) the sample ids the members predicted, in their order: the soups
+    predict exactly those (a run with ``limit_test_batches`` tested only some).
     """
     from lightning_modules.checkpoints import read_checkpoint
     from lightning_modules.soup import average_state_dicts, greedy_soup
@@ -64,6 +67,7 @@ def build_soups(
     names = [f"seed {m.seed}" for m in members]
     states = dict(zip(names, (_net_state(c) for c in raw), strict=True))
     pot = _Pot(checkpoints[0], contract, tta_config, dict(zip(names, val_accuracy, strict=True)))
+    pot.rows = {split: _rows(pot.datamodule, split, wanted) for split, wanted in ids.items()}
     pot.members = {id(state): name for name, state in states.items()}
     greedy = greedy_soup(list(states.items()), pot.val_acc)
     soups = {
@@ -101,6 +105,7 @@ class _Pot:
         self.bn_batches = _bn_batches(self.datamodule)
         self.own_acc = own_acc
         self.members: dict[int, str] = {}  # id of a member's own state dict -> its name
+        self.rows: dict[str, list[int] | None] = {}  # per split, the rows the members predicted
 
     def load(self, state) -> int:
         """Load ``state``; re-estimate its BatchNorm statistics (the number of layers)."""
@@ -120,7 +125,7 @@ class _Pot:
         if name is not None:  # a member alone: its own weights and statistics, already scored
             return self.own_acc[name]
         self.load(state)
-        out = predict_split(self.model, self.datamodule, "val")
+        out = predict_split(self.model, self.datamodule, "val", rows=self.rows.get("val"))
         return accuracy(out["probs"].numpy(), out["targets"].numpy())
 
     def serve(self, kind: str, state, out_dir: Path) -> dict[str, Any]:
@@ -136,13 +141,14 @@ class _Pot:
         for split in ("val", "test"):
             for views in (None, self.tta) if self.tta is not None else (None,):
                 key = split if views is None else f"{split}_tta"
-                outputs = predict_split(self.model, dm, split, tta=views)
+                outputs = predict_split(self.model, dm, split, tta=views, rows=self.rows.get(split))
                 save_test_outputs(
                     out_dir, f"{kind}_{key}", outputs, ids=dm.ids(split), class_names=dm.class_names
                 )
                 predictions[key] = {
                     "probs": outputs["probs"].numpy().astype(np.float32),
                     "targets": outputs["targets"].numpy(),
+                    "ids": np.asarray([dm.ids(split)[r] for r in outputs["rows"].tolist()]),
                 }
         val = predictions["val"]
         return {
@@ -164,6 +170,22 @@ def _calibrate(out_dir: Path, kind: str, checkpoint: Path, tta) -> dict[str, Any
         tta_mode=tta.mode if tta is not None else None,
     )
     return {"temperature": metrics.get("calibration/temperature")}
+
+
+def _rows(datamodule, split: str, wanted: list[str]) -> list[int] | None:
+    """The rows of ``split`` holding the ids ``wanted`` (None: all of them, in order); the
+    members' images must all be there (the same data as when they were tested)."""
+    ids = datamodule.ids(split)
+    if list(wanted) == list(ids):
+        return None
+    where = {sample: row for row, sample in enumerate(ids)}
+    missing = [w for w in wanted if w not in where]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} {split} images of the members are not in their data any more "
+            f"(e.g. {missing[0]}): the soups cannot be scored on the members' images"
+        )
+    return sorted(where[w] for w in wanted)
 
 
 def _net_state(checkpoint: dict) -> dict:

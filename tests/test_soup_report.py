@@ -11,7 +11,9 @@ from lightning_modules.calibration import apply_temperature
 from lightning_modules.run_outputs import load_predictions, read_metrics
 from tests.conftest import FAST, ONE_THREAD, compose_cfg, run_cli
 
-TINY = ["trainer.limit_train_batches=3", "trainer.num_sanity_val_steps=0"]
+# limit_test_batches: members test one batch of the 269 test images; soups are scored on those
+TINY = ["trainer.limit_train_batches=3", "trainer.limit_test_batches=1"]
+TINY += ["trainer.num_sanity_val_steps=0"]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,10 @@ def test_members_from_the_same_weights_are_souped(souped):
     assert soups["greedy"]["members"][0] == best  # the greedy soup starts from the best member
     for name in ("uniform soup", "greedy soup"):  # scored like members, single view and TTA
         assert name in report["intervals"]["test"] and name in report["intervals"]["test_tta"]
+    soup_test = load_predictions(sweep / "ensemble" / "soups", "uniform_test")
+    member_test = load_predictions(sweep / "0", "test")
+    assert len(member_test["ids"]) < 269  # the limited test: one batch
+    assert soup_test["ids"].tolist() == member_test["ids"].tolist()
     text = (sweep / "ensemble" / "report.md").read_text()
     assert "| uniform soup (seed 1, seed 2) | 1 |" in text
     assert "greedy soup − best member" in text
@@ -83,7 +89,9 @@ def test_a_soup_checkpoint_is_evaluated_and_calibrated_like_a_run(souped, tmp_pa
     metrics, _ = evaluate(cfg)
     raw = load_predictions(sweep / "ensemble" / "soups", "greedy_test")
     mine = load_predictions(tmp_path, "test")
-    assert np.allclose(mine["probs"], raw["probs"], atol=1e-5)  # the soup as the report scored it
+    by_id = dict(zip(mine["ids"].tolist(), mine["probs"], strict=True))
+    scored = np.stack([by_id[i] for i in raw["ids"].tolist()])  # the images the report scored
+    assert np.allclose(scored, raw["probs"], atol=1e-5)  # the soup as the report scored it
     calibrated = load_predictions(tmp_path, "test_calibrated")
     assert np.allclose(
         calibrated["probs"], apply_temperature(mine["probs"], stored["test"]), atol=1e-6
@@ -102,7 +110,8 @@ def test_calibrate_applies_the_ensembles_pooled_temperature(souped, tmp_path):
     pooled = json.loads((sweep / "ensemble" / "calibration.json").read_text())["temperature"]
     metrics, _ = evaluate(
         compose_cfg(
-            tmp_path / "eval", ["task=eval", f"ckpt_path={sweep}", "calibrate=true", "tta=none"]
+            tmp_path / "eval",
+            ["task=eval", f"ckpt_path={sweep}", "calibrate=true", "tta=none", *TINY],
         )
     )
     assert metrics["calibration/temperature"] == pooled["test"]
