@@ -217,7 +217,7 @@ def file_sha256(path) -> str:
 
 
 def calibrate_run(
-    run_dir, *, checkpoint=None, prefix: str = "", tta_mode: str | None = None
+    run_dir, *, checkpoint=None, prefix: str = "", tta: dict | None = None
 ) -> dict[str, float]:
     """Fit a temperature per prediction kind of a run (``predictions/val.npz`` for ``test``,
     ``val_tta.npz`` for ``test_tta``); write them next to ``checkpoint`` (when given) and return
@@ -240,11 +240,11 @@ def calibrate_run(
         for key in ("nll", "ece", "brier"):
             out[f"{test}_calibrated/{key}"] = summary["test"]["after"][key]
     if checkpoint is not None and fitted:
-        write_calibration(checkpoint, fitted, tta_mode=tta_mode)
+        write_calibration(checkpoint, fitted, tta=tta)
     return out
 
 
-def write_calibration(checkpoint, fitted: dict[str, dict], *, tta_mode: str | None = None) -> Path:
+def write_calibration(checkpoint, fitted: dict[str, dict], *, tta: dict | None = None) -> Path:
     """``<checkpoint stem>.calibration.json``: per test split its temperature and the summary
     of the fit (:func:`calibration_summary`), with the checkpoint's SHA-256."""
     from lightning_modules.run_outputs import write_json
@@ -255,15 +255,15 @@ def write_calibration(checkpoint, fitted: dict[str, dict], *, tta_mode: str | No
         "sha256": file_sha256(checkpoint),
         "temperature": {split: s["temperature"] for split, s in fitted.items()},
         "fitted_on": {split: FITTED_ON[split] for split in fitted},
-        "tta_mode": tta_mode if "test_tta" in fitted else None,
+        "tta": tta if "test_tta" in fitted else None,  # the views the TTA temperature fits
         "fits": fitted,
     }
     return write_json(calibration_file(checkpoint), data)
 
 
-def stored_temperature(checkpoint, *, tta: bool = False, tta_mode: str | None = None) -> float:
-    """The temperature fitted for ``checkpoint`` (its TTA predictions' with ``tta``, which must
-    have been made with ``tta_mode`` when given), or a :class:`UserError` saying why there is
+def stored_temperature(checkpoint, *, tta: dict | None = None) -> float:
+    """The temperature fitted for ``checkpoint``'s predictions with the views ``tta``
+    (:func:`tta_setting`; None: single view), or a :class:`UserError` saying why there is
     none."""
     import json
 
@@ -293,19 +293,14 @@ def stored_temperature(checkpoint, *, tta: bool = False, tta_mode: str | None = 
             f"predictions (it has {', '.join(data.get('temperature', {})) or 'none'}): use the "
             "run's tta setting, or calibrate=false."
         )
-    if tta and tta_mode is not None and data.get("tta_mode") not in (None, tta_mode):
-        raise UserError(
-            f"calibrate=true: {path.name}'s TTA temperature was fitted with "
-            f"tta={data['tta_mode']}, not tta={tta_mode}: use that tta, tta=none, or "
-            "calibrate=false."
-        )
+    _check_views(path, data.get("tta"), tta)
     return float(data["temperature"][split])
 
 
 ENSEMBLE_CALIBRATION = "calibration.json"  # in an ensemble report's directory
 
 
-def write_ensemble_calibration(out_dir, checkpoints, temperatures: dict[str, float], *, tta_mode):
+def write_ensemble_calibration(out_dir, checkpoints, temperatures: dict[str, float], *, tta):
     """``<report dir>/calibration.json``: the pooled temperatures of an ensemble of
     ``checkpoints`` (with their SHA-256s), for ``calibrate=true`` on those checkpoints."""
     from lightning_modules.run_outputs import write_json
@@ -315,30 +310,29 @@ def write_ensemble_calibration(out_dir, checkpoints, temperatures: dict[str, flo
             {"checkpoint": str(Path(c).resolve()), "sha256": file_sha256(c)} for c in checkpoints
         ],
         "temperature": dict(temperatures),
-        "tta_mode": tta_mode,
+        "tta": tta,
         "fitted_on": "the members' pooled validation probabilities",
     }
     return write_json(Path(out_dir) / ENSEMBLE_CALIBRATION, data)
 
 
-def temperature_for(checkpoints, *, tta_mode: str | None, file=None) -> float:
+def temperature_for(checkpoints, *, tta: dict | None, file=None) -> float:
     """The temperature ``calibrate`` applies to the predictions of ``checkpoints`` made with
-    ``tta_mode`` (None or ``"none"``: single view). ``file``: a ``calibration.json`` given by
+    the views ``tta`` (:func:`tta_setting`; None: single view). ``file``: a ``calibration.json`` given by
     the user (``calibrate=<path>``: an ensemble report's, or a checkpoint's); else one
     checkpoint's own (:func:`stored_temperature`), or the pooled temperature that an ensemble
     report fitted for exactly these checkpoints (looked for in ``<sweep dir>/ensemble/``).
     A :class:`UserError` says why there is none."""
     from datamodules.errors import UserError
 
-    tta = tta_mode not in (None, "none")
     checkpoints = [Path(c) for c in checkpoints]
     if file is None and len(checkpoints) == 1:
-        return stored_temperature(checkpoints[0], tta=tta, tta_mode=tta_mode)
+        return stored_temperature(checkpoints[0], tta=tta)
     digests = sorted(file_sha256(c) for c in checkpoints)
     if file is not None:
         if not Path(file).is_file():
             raise UserError(f"calibrate={file}: no such file; give a calibration.json.")
-        found = _ensemble_temperature(Path(file), digests, tta=tta, tta_mode=tta_mode)
+        found = _ensemble_temperature(Path(file), digests, tta=tta)
         if found is None:
             raise UserError(
                 f"calibrate={file} was fitted for other checkpoints than these "
@@ -349,7 +343,7 @@ def temperature_for(checkpoints, *, tta_mode: str | None, file=None) -> float:
     sweeps = {c.resolve().parent.parent.parent for c in checkpoints}  # <sweep>/<run>/checkpoints/x
     for sweep in sorted(sweeps):
         for path in sorted((sweep / "ensemble").glob(f"**/{ENSEMBLE_CALIBRATION}")):
-            found = _ensemble_temperature(path, digests, tta=tta, tta_mode=tta_mode)
+            found = _ensemble_temperature(path, digests, tta=tta)
             if found is not None:
                 return found
     raise UserError(
@@ -360,7 +354,7 @@ def temperature_for(checkpoints, *, tta_mode: str | None, file=None) -> float:
     )
 
 
-def _ensemble_temperature(path: Path, digests: list[str], *, tta: bool, tta_mode) -> float | None:
+def _ensemble_temperature(path: Path, digests: list[str], *, tta: dict | None) -> float | None:
     """The temperature in ``path`` (an ensemble's ``calibration.json``, or a checkpoint's) when
     it was fitted for the checkpoints with these SHA-256s, else None."""
     import json
@@ -372,11 +366,7 @@ def _ensemble_temperature(path: Path, digests: list[str], *, tta: bool, tta_mode
     if sorted(fitted_for) != digests:
         return None
     split = "test_tta" if tta else "test"
-    if tta and data.get("tta_mode") not in (None, tta_mode):
-        raise UserError(
-            f"calibrate: the TTA temperature in {path} was fitted with tta={data['tta_mode']}, "
-            f"not tta={tta_mode}: use that tta, tta=none, or calibrate=false."
-        )
+    _check_views(path, data.get("tta"), tta)
     if data.get("temperature", {}).get(split, 0) is None:
         raise UserError(
             f"calibrate: {path} records that no temperature could be fitted for these "
@@ -396,3 +386,35 @@ def calibration_source(value) -> Path | None:
     if isinstance(value, bool) or value is None:
         return None
     return Path(str(value)).expanduser()
+
+
+def tta_setting(tta) -> dict | None:
+    """What a TTA temperature depends on: the views of a
+    :class:`~lightning_modules.tta.TestTimeAugmentation` (mode, crop, scales, flip,
+    interpolation); None for a single view."""
+    if tta is None or not tta.enabled:
+        return None
+    return {
+        "mode": str(tta.mode),
+        "crop_pct": float(tta.crop_pct),
+        "scales": [float(v) for v in tta.scales],
+        "flip": bool(tta.flip),
+        "interpolation": str(tta.interpolation),
+    }
+
+
+def _check_views(path: Path, fitted: dict | None, wanted: dict | None) -> None:
+    """A TTA temperature applies only to predictions with the views it was fitted on."""
+    from datamodules.errors import UserError
+
+    if wanted is None or fitted is None or fitted == wanted:
+        return
+    diff = ", ".join(
+        f"{k}={fitted.get(k)} (now {wanted.get(k)})"
+        for k in sorted(set(fitted) | set(wanted))
+        if fitted.get(k) != wanted.get(k)
+    )
+    raise UserError(
+        f"calibrate: the TTA temperature in {path} was fitted with other views: {diff}; use "
+        "those tta settings, tta=none, or calibrate=false."
+    )

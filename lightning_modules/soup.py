@@ -197,13 +197,19 @@ def _first_tensor(batch: Any) -> Tensor:
     return batch[0] if isinstance(batch, list | tuple) else batch
 
 
+# long: its docstring is half of it; the reset, hooks and restoration are one try/finally
 def reestimate_batchnorm(
     module: nn.Module,
     batches: Iterable[Tensor],
     *,
     device: torch.device | str | int | None = None,
+    only: Iterable[str] | None = None,
 ) -> int:
     """Recompute the running statistics of every BatchNorm layer of ``module`` on ``batches``.
+
+    ``only``: the qualified names of the layers to re-estimate (e.g. those whose weights differ
+    between a soup's members); the others keep their statistics and normalise with them, in eval
+    mode, during the passes, as they will at inference.
 
     As ``torch.optim.swa_utils.update_bn`` does: the statistics are reset, ``momentum`` is set to
     None, the whole module runs in train mode (dropout included, as there) over every batch under
@@ -222,9 +228,15 @@ def reestimate_batchnorm(
     Parameters are not changed. An empty ``batches`` is a ValueError, raised before anything
     is reset; if a forward pass fails, momenta and flags are restored, the statistics not.
     """
+    wanted = None if only is None else set(only)
     layers = [
-        m for m in module.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None
+        m
+        for name, m in module.named_modules()
+        if isinstance(m, _BatchNorm)
+        and m.running_mean is not None
+        and (wanted is None or name in wanted)
     ]
+    kept = [m for m in module.modules() if isinstance(m, _BatchNorm) and m not in layers]
     if not layers:
         return 0
     iterator = iter(batches)
@@ -241,6 +253,8 @@ def reestimate_batchnorm(
             bn.reset_running_stats()
             bn.momentum = None
         module.train()
+        for bn in kept:  # not re-estimated: they normalise as at inference
+            bn.eval()
         with torch.no_grad():
             for batch in itertools.chain([first], iterator):
                 x = _first_tensor(batch)
@@ -303,3 +317,19 @@ def backbone_digest(net: nn.Module) -> str:
         return any(name == h or name.startswith(h + ".") for h in heads)
 
     return state_digest(net, exclude=is_head)
+
+
+def differing_batchnorm(module: nn.Module, states: Sequence[Mapping[str, Tensor]]) -> list[str]:
+    """The qualified names of ``module``'s BatchNorm layers whose parameters or statistics are
+    not identical in every state dict of ``states`` (the layers a soup must re-estimate: a
+    frozen layer keeps the statistics its members share)."""
+    out = []
+    for name, m in module.named_modules():
+        if not isinstance(m, _BatchNorm) or m.running_mean is None:
+            continue
+        prefix = f"{name}." if name else ""
+        keys = [k for k in states[0] if k.startswith(prefix) and "." not in k[len(prefix) :]]
+        keys = [k for k in keys if not k.endswith("num_batches_tracked")]
+        if any(not torch.equal(states[0][k], s[k]) for s in states[1:] for k in keys):
+            out.append(name)
+    return out

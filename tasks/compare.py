@@ -44,23 +44,22 @@ def compare(
     """
     if len(settings) < 2:
         raise UserError("A comparison needs at least two settings: give runs of a grid multirun.")
-    ids = settings[0][1]["test"][0]["ids"].tolist()
-    counts = B.resample_counts(len(ids), n_boot=resamples, seed=seed)
-    rows, samples = [], {}
+    rows, samples, ids = [], {}, {}
     for name, preds in settings:
-        same = preds["test"][0]["ids"].tolist() == ids
-        entry: dict[str, Any] = {"setting": name, "members": len(preds["test"]), "paired": same}
+        ids[name] = preds["test"][0]["ids"].tolist()
+        entry: dict[str, Any] = {"setting": name, "members": len(preds["test"])}
+        # the same test images give the same resamples (same count, same seed): settings
+        # tested on the same images are paired
+        counts = B.resample_counts(len(ids[name]), n_boot=resamples, seed=seed)
         for split in SPLITS:
             if split in preds:
-                n = len(preds[split][0]["targets"])
-                own = counts if same else B.resample_counts(n, n_boot=resamples, seed=seed)
-                entry[split], samples[(name, split)] = _score(preds[split], own, level=level)
+                entry[split], samples[(name, split)] = _score(preds[split], counts, level=level)
         rows.append(entry)
     result = {
         "settings": rows,
-        "differences": _differences(rows, samples, level=level),
+        "differences": _differences(rows, samples, ids, level=level),
         "bootstrap": {"resamples": resamples, "level": level, "seed": seed, "over": "test images"},
-        "test_images": len(ids),
+        "test_images": len(ids[settings[0][0]]),
     }
     write_json(out_dir / "compare.json", result)
     write_text(out_dir / "compare.md", markdown(result))
@@ -101,7 +100,7 @@ def _score(members: list[dict], counts: np.ndarray, *, level: float) -> tuple[di
     return entry, {m: (samples[m], values[m]) for m in MODELS}
 
 
-def _differences(rows: list[dict], samples: dict, *, level: float) -> list[dict]:
+def _differences(rows: list[dict], samples: dict, ids: dict, *, level: float) -> list[dict]:
     """Every pair of settings (second − first), per split and model, paired when both were
     tested on the same images."""
     out = []
@@ -111,7 +110,7 @@ def _differences(rows: list[dict], samples: dict, *, level: float) -> list[dict]
                 continue
             for model in MODELS:
                 item = {"a": a["setting"], "b": b["setting"], "views": views, "model": model}
-                if not (a["paired"] and b["paired"]):
+                if ids[a["setting"]] != ids[b["setting"]]:
                     item["note"] = "not paired: the settings were tested on different images"
                 else:
                     (sb, vb), (sa, va) = (

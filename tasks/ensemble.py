@@ -549,17 +549,28 @@ def report_runs(
         raise _no_ensemble_error(groups, n_runs=len(runs))
     reported = [g for g in groups if g.predictions is not None]
     if len(reported) > 1:  # a grid: the settings against each other
-        from tasks.compare import compare
+        _compare(reported, out_dir, options, strict=strict)
+    return written
 
+
+def _compare(groups: list[Group], out_dir: Path, options: ReportOptions, *, strict: bool) -> None:
+    """``compare.md`` of a grid's settings; after a multirun a failure is logged, the reports
+    stand."""
+    from tasks.compare import compare
+
+    try:
         compare(
-            [(g.title, g.predictions) for g in reported],
+            [(g.title, g.predictions) for g in groups],
             out_dir,
             resamples=options.resamples,
             level=options.level,
             seed=options.seed,
             plots=options.plots,
         )
-    return written
+    except Exception:
+        if strict:
+            raise
+        log.exception("The comparison of the settings failed; their reports stand")
 
 
 def setting_predictions(paths: list[Path]) -> list[tuple[str, dict]]:
@@ -636,20 +647,22 @@ def _report_group(
 
 def _store_temperatures(report: dict, members: list[Run], out_dir: Path) -> None:
     """The ensemble's pooled temperatures with its members' checkpoints (``calibration.json``,
-    for ``calibrate=true`` in eval/predict); members without a checkpoint: nothing stored."""
-    from lightning_modules.calibration import write_ensemble_calibration
+    for ``calibrate=true`` in eval/predict), and the TTA views they fit (the members' own
+    record); members without a checkpoint: nothing stored. A refused temperature is stored as
+    None, so that ``calibrate=true`` says why."""
+    from lightning_modules.calibration import calibration_file, write_ensemble_calibration
     from lightning_modules.checkpoints import find_checkpoints
 
     fitted = {s: c["ensemble"]["temperature"] for s, c in report.get("calibration", {}).items()}
-    # (None: refused, recorded so that calibrate=true says why)
     if not fitted:
         return
     try:
         checkpoints = [find_checkpoints(r.path)[0] for r in members]
     except UserError:
         return
-    mode = (report.get("tta") or {}).get("mode")
-    write_ensemble_calibration(out_dir, checkpoints, fitted, tta_mode=mode)
+    sidecar = calibration_file(checkpoints[0])
+    views = json.loads(sidecar.read_text()).get("tta") if sidecar.is_file() else None
+    write_ensemble_calibration(out_dir, checkpoints, fitted, tta=views)
 
 
 def _soups(group: Group, predictions: dict[str, list[dict]], out_dir: Path) -> dict:
@@ -665,11 +678,15 @@ def _soups(group: Group, predictions: dict[str, list[dict]], out_dir: Path) -> d
     ok, reason = soupable(contracts)
     if ok and "val" not in predictions:
         ok, reason = False, "not soupable: no validation predictions to choose the greedy soup"
+    if ok:
+        try:
+            checkpoints = [find_checkpoints(r.path)[0] for r in members]
+        except UserError:
+            ok, reason = False, "not soupable: a member has no checkpoint"
     if not ok:
         log.info("Soups: %s.", reason)
         return {"soupable": False, "reason": reason, "soups": None}
     try:
-        checkpoints = [find_checkpoints(r.path)[0] for r in members]
         targets = predictions["val"][0]["targets"]
         soups = build_soups(
             members,

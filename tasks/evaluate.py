@@ -88,14 +88,12 @@ def _temperatures(cfg: DictConfig, checkpoints: list[Path], tta) -> dict[str, fl
     ``test_tta`` with TTA) of these checkpoints (:func:`lightning_modules.calibration.temperature_for`)."""
     if not cfg.get("calibrate"):
         return {}
-    from lightning_modules.calibration import calibration_source, temperature_for
+    from lightning_modules.calibration import calibration_source, temperature_for, tta_setting
 
-    out = {
-        "test": temperature_for(checkpoints, tta_mode=None, file=calibration_source(cfg.calibrate))
-    }
+    out = {"test": temperature_for(checkpoints, tta=None, file=calibration_source(cfg.calibrate))}
     if tta is not None:
         out["test_tta"] = temperature_for(
-            checkpoints, tta_mode=tta.tta.mode, file=calibration_source(cfg.calibrate)
+            checkpoints, tta=tta_setting(tta.tta), file=calibration_source(cfg.calibrate)
         )
     log.info("Calibrated with the stored temperature(s): %s", out)
     return out

@@ -110,11 +110,11 @@ def _temperature(cfg: DictConfig, checkpoints: list[Path], tta) -> float | None:
     """``calibrate=true``: the temperature stored for these checkpoints and this TTA."""
     if not cfg.get("calibrate"):
         return None
-    from lightning_modules.calibration import calibration_source, temperature_for
+    from lightning_modules.calibration import calibration_source, temperature_for, tta_setting
 
     return temperature_for(
         checkpoints,
-        tta_mode=tta.mode if tta.enabled else None,
+        tta=tta_setting(tta),
         file=calibration_source(cfg.calibrate),
     )
 

@@ -45,8 +45,12 @@ def row_label(report: dict, name: str) -> str:
         kept = report["soups"][name.split()[0]]["members"]
         return f"{name} ({', '.join(kept)})"
     if name == "ensemble, calibrated":
-        temperature = report["calibration"]["test"]["ensemble"]["temperature"]
-        return f"ensemble, calibrated (T={temperature:.3f})"
+        temps = [
+            f"{'TTA ' if split == 'test_tta' else ''}{c['ensemble']['temperature']:.3f}"
+            for split, c in report["calibration"].items()
+            if c["ensemble"]["temperature"] is not None
+        ]
+        return f"ensemble, calibrated (T={' / '.join(temps)})"
     return name
 
 
@@ -174,6 +178,13 @@ def markdown(report: dict) -> str:
     lines.append(f"- Soups: {soup_text(report['soups'])}.")
     for run in report["left_out"]:
         lines.append(f"- Left out: seed {run['seed']} (run {run['path']}): {run['reason']}")
+    lines += _calibration_section(report) + _interval_section(report)
+    lines += [report["notes"], ""]
+    return "\n".join(lines)
+
+
+def _calibration_section(report: dict) -> list[str]:
+    lines: list[str] = []
     header, rows = calibration_rows(report)
     if rows:
         cal = report["calibration"]["test"]
@@ -193,6 +204,11 @@ def markdown(report: dict) -> str:
             ),
             "",
         ]
+    return lines
+
+
+def _interval_section(report: dict) -> list[str]:
+    lines: list[str] = []
     header, rows = interval_rows(report)
     if rows:
         b = report["bootstrap"]
@@ -205,8 +221,7 @@ def markdown(report: dict) -> str:
             "",
             *_md_table(header, rows),
         ]
-    lines += [report["notes"], ""]
-    return "\n".join(lines)
+    return lines
 
 
 def soup_text(soups: dict) -> str:

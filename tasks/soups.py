@@ -9,8 +9,10 @@ For the members of one setting (:mod:`tasks.ensemble`):
 2. the **uniform soup** averages every member's weights; the **greedy soup** (Wortsman et al.
    2022) takes the members by validation accuracy, best first, and keeps each only when the
    soup's validation accuracy does not drop (:func:`lightning_modules.soup.greedy_soup`);
-3. networks with BatchNorm get their running statistics re-estimated on training images (the
-   members' statistics do not fit averaged weights), before every validation score;
+3. BatchNorm layers whose weights or statistics differ between the members get their running
+   statistics re-estimated on training images (the members' do not fit averaged weights) before
+   every validation score, a member alone included (like is compared with like); layers the
+   members share (frozen ones) keep theirs;
 4. each soup is written as a checkpoint (``soups/<kind>.ckpt``: the first member's
    hyper-parameters and data contract, the soup's weights) that ``task=eval``, ``predict`` and
    ``visualize`` accept, with its temperature fitted on validation next to it, and its
@@ -61,13 +63,14 @@ def build_soups(
     predict exactly those (a run with ``limit_test_batches`` tested only some).
     """
     from lightning_modules.checkpoints import read_checkpoint
-    from lightning_modules.soup import average_state_dicts, greedy_soup
+    from lightning_modules.soup import average_state_dicts, differing_batchnorm, greedy_soup
 
     raw = [read_checkpoint(p) for p in checkpoints]
     names = [f"seed {m.seed}" for m in members]
     states = dict(zip(names, (_net_state(c) for c in raw), strict=True))
     pot = _Pot(checkpoints[0], contract, tta_config, dict(zip(names, val_accuracy, strict=True)))
     pot.rows = {split: _rows(pot.datamodule, split, wanted) for split, wanted in ids.items()}
+    pot.bn_layers = differing_batchnorm(pot.model.net, list(states.values()))
     pot.members = {id(state): name for name, state in states.items()}
     greedy = greedy_soup(list(states.items()), pot.val_acc)
     soups = {
@@ -106,15 +109,18 @@ class _Pot:
         self.own_acc = own_acc
         self.members: dict[int, str] = {}  # id of a member's own state dict -> its name
         self.rows: dict[str, list[int] | None] = {}  # per split, the rows the members predicted
+        self.bn_layers: list[str] = []  # BatchNorm layers that differ between the members
 
     def load(self, state) -> int:
         """Load ``state``; re-estimate its BatchNorm statistics (the number of layers)."""
         from lightning_modules.soup import reestimate_batchnorm
 
         self.model.net.load_state_dict(state)
-        if not self.bn_batches:
+        if not self.bn_batches or not self.bn_layers:
             return 0
-        return reestimate_batchnorm(self.model.net, self.bn_batches, device=self.device)
+        return reestimate_batchnorm(
+            self.model.net, self.bn_batches, device=self.device, only=self.bn_layers
+        )
 
     def val_acc(self, state) -> float:
         """The greedy soup's score: validation accuracy (a member alone: its saved one)."""
@@ -122,8 +128,9 @@ class _Pot:
         from lightning_modules.predictions import predict_split
 
         name = self.members.get(id(state))
-        if name is not None:  # a member alone: its own weights and statistics, already scored
+        if name is not None and not self.bn_layers:  # a member alone, as it was scored
             return self.own_acc[name]
+        # else a member alone gets re-estimated statistics too: like is compared with like
         self.load(state)
         out = predict_split(self.model, self.datamodule, "val", rows=self.rows.get("val"))
         return accuracy(out["probs"].numpy(), out["targets"].numpy())
@@ -161,13 +168,13 @@ class _Pot:
 def _calibrate(out_dir: Path, kind: str, checkpoint: Path, tta) -> dict[str, Any]:
     """The soup's temperatures, fitted on its validation predictions, next to its checkpoint
     (``<kind>.calibration.json``: ``calibrate=true`` works on soups as on any run)."""
-    from lightning_modules.calibration import calibrate_run
+    from lightning_modules.calibration import calibrate_run, tta_setting
 
     metrics = calibrate_run(
         out_dir,
         checkpoint=checkpoint,
         prefix=f"{kind}_",
-        tta_mode=tta.mode if tta is not None else None,
+        tta=tta_setting(tta),
     )
     return {"temperature": metrics.get("calibration/temperature")}
 
@@ -230,15 +237,19 @@ def _tta(tta_config: dict | None, datamodule):
 
 
 def _bn_batches(datamodule) -> list:
-    """Up to :data:`MAX_BN_IMAGES` training images in eval-size batches (kept in memory: the
-    same images for every soup)."""
-    batches, seen = [], 0
-    for x, _, _ in datamodule._loader("train", train=False):
-        batches.append(x)
-        seen += len(x)
-        if seen >= MAX_BN_IMAGES:
-            break
-    return batches
+    """Up to :data:`MAX_BN_IMAGES` training images drawn at random (seeded; training rows are in
+    class order, so the first ones would be a few classes), in eval-size batches, kept in
+    memory: the same images for every soup."""
+    import numpy as np
+    from torch.utils.data import DataLoader, Subset
+
+    loader = datamodule._loader("train", train=False)
+    n = len(loader.dataset)
+    rows = np.sort(np.random.default_rng(0).permutation(n)[:MAX_BN_IMAGES]).tolist()
+    subset = DataLoader(
+        Subset(loader.dataset, rows), batch_size=loader.batch_size, num_workers=loader.num_workers
+    )
+    return [x for x, _, _ in subset]
 
 
 def _save_soup(

@@ -423,7 +423,7 @@ def report_to_wandb(out_dir: str | Path, report: Mapping[str, Any], *, wandb_con
         dir=str(out_dir),
         project=wandb_config.get("project") or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
         entity=wandb_config.get("entity"),
-        group=short_label(group),
+        group=short_label(wandb_config.get("group") or group),  # where the jobs went
         job_type="ensemble",
         name=short_label(f"ensemble {report.get('name') or ''}".strip()),
         mode=chosen,

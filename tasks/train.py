@@ -166,25 +166,37 @@ def _write_outputs(out_dir: Path, metrics: dict, *, datamodule, model, tta, trai
     else:
         save_test_results(out_dir, metrics, datamodule=datamodule, model=model, tta=tta)
         if not trainer.fast_dev_run:  # a smoke test: one batch, nothing to calibrate on
-            from lightning_modules.calibration import calibrate_run
-            from lightning_modules.run_outputs import save_val_results
-
-            save_val_results(
-                out_dir,
-                datamodule=datamodule,
-                model=model,
-                tta=tta.tta if tta is not None else None,
-                forward_context=trainer.precision_plugin.forward_context,
-            )
-            best = metrics.get("best_ckpt")
-            metrics.update(
-                calibrate_run(
-                    out_dir,
-                    checkpoint=out_dir / best if best else None,
-                    tta_mode=tta.tta.mode if tta is not None else None,
-                )
-            )
+            metrics.update(_calibrate(out_dir, metrics, datamodule, model, tta, trainer))
     write_metrics(out_dir, metrics)
+
+
+def _calibrate(out_dir: Path, metrics: dict, datamodule, model, tta, trainer) -> dict:
+    """Validation predictions of the tested model (on the training device: testing ended by
+    moving it to the CPU) and the temperatures fitted on them. A failure here is logged and
+    leaves the run finished, without them (the ensemble report then says so)."""
+    from lightning_modules.calibration import calibrate_run, tta_setting
+    from lightning_modules.run_outputs import save_val_results
+
+    best = metrics.get("best_ckpt")
+    try:
+        model.to(trainer.strategy.root_device)
+        save_val_results(
+            out_dir,
+            datamodule=datamodule,
+            model=model,
+            tta=tta.tta if tta is not None else None,
+            forward_context=trainer.precision_plugin.forward_context,
+        )
+        return calibrate_run(
+            out_dir,
+            checkpoint=out_dir / best if best else None,
+            tta=tta_setting(tta.tta if tta is not None else None),
+        )
+    except Exception:  # noqa: BLE001 - the trained, tested run stands without them
+        log.exception("Validation predictions or calibration failed: the run has none")
+        return {}
+    finally:
+        model.cpu()
 
 
 def build_model(cfg: DictConfig, datamodule):

@@ -273,3 +273,33 @@ def test_state_digest_is_the_same_in_another_process():
     sd = {"b": torch.randn(3, 4, generator=g), "a": torch.arange(5), "c": torch.ones(2).bool()}
     assert other == state_digest(sd)
     assert len(other) == 64 and int(other, 16) >= 0
+
+
+def test_only_the_batchnorm_layers_that_differ_are_reestimated():
+    """Members that share a frozen BatchNorm keep its statistics in the soup; during the pass it
+    normalises with them (eval mode), as at inference."""
+    from lightning_modules.soup import differing_batchnorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with torch.no_grad():
+        net[0].running_mean.fill_(0.5)
+        net[0].running_var.fill_(2.0)
+    a = {k: v.clone() for k, v in net.state_dict().items()}
+    b = {k: v.clone() for k, v in a.items()}
+    b["1.weight"] += 0.1  # the conv was fine-tuned ...
+    b["2.running_mean"] += 0.3  # ... and so the BatchNorm after it
+    assert differing_batchnorm(net, [a, b]) == ["2"]
+    frozen = (net[0].running_mean.clone(), net[0].running_var.clone())
+    inputs = []
+    hook = net[1].register_forward_pre_hook(lambda m, args: inputs.append(args[0].clone()))
+    batches = [torch.randn(6, 3, 8, 8) for _ in range(2)]
+    assert reestimate_batchnorm(net, batches, only=["2"]) == 1
+    hook.remove()
+    assert torch.equal(net[0].running_mean, frozen[0]) and torch.equal(
+        net[0].running_var, frozen[1]
+    )
+    expected = (batches[0] - 0.5) / torch.sqrt(torch.tensor(2.0) + net[0].eps)
+    assert torch.allclose(inputs[0], expected * net[0].weight[None, :, None, None], atol=1e-5)
+    conv_out = torch.cat([net[1](x) for x in inputs])
+    assert torch.allclose(net[2].running_mean, conv_out.mean((0, 2, 3)), atol=1e-5)

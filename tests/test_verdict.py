@@ -198,23 +198,38 @@ def test_compare_task_needs_two_settings(tmp_path):
         compare_task(cfg)
 
 
+FIVE_CROP = {
+    "mode": "five_crop",
+    "crop_pct": 0.875,
+    "scales": [1.0],
+    "flip": False,
+    "interpolation": "bilinear",
+}
+
+
 def test_a_stored_temperature_is_used_only_for_its_own_checkpoint(tmp_path):
     ckpt = tmp_path / "checkpoints" / "best.ckpt"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"weights v1")
     with pytest.raises(UserError, match="no fitted temperature"):
-        temperature_for([ckpt], tta_mode=None)
+        temperature_for([ckpt], tta=None)
     write_calibration(ckpt, {"test": {"temperature": 1.7}})
-    assert temperature_for([ckpt], tta_mode=None) == 1.7
+    assert temperature_for([ckpt], tta=None) == 1.7
     with pytest.raises(UserError, match="no temperature for TTA"):
-        temperature_for([ckpt], tta_mode="five_crop")
+        temperature_for([ckpt], tta=FIVE_CROP)
+    write_calibration(
+        ckpt, {"test": {"temperature": 1.7}, "test_tta": {"temperature": 1.2}}, tta=FIVE_CROP
+    )
+    assert temperature_for([ckpt], tta=FIVE_CROP) == 1.2
+    with pytest.raises(UserError, match=r"other views: crop_pct=0.875 \(now 0.9\)"):
+        temperature_for([ckpt], tta={**FIVE_CROP, "crop_pct": 0.9})
     ckpt.write_bytes(b"weights v2")  # retrained since the fit
     with pytest.raises(UserError, match="fitted for another version"):
-        temperature_for([ckpt], tta_mode=None)
+        temperature_for([ckpt], tta=None)
     other = tmp_path / "b.ckpt"
     other.write_bytes(b"x")
     with pytest.raises(UserError, match="no ensemble report fitted a temperature"):
-        temperature_for([ckpt, other], tta_mode=None)
+        temperature_for([ckpt, other], tta=None)
 
 
 def test_the_report_goes_to_wandb_with_the_same_numbers(tmp_path, monkeypatch):
@@ -284,4 +299,4 @@ def test_a_temperature_that_cannot_be_fitted_is_refused_not_applied(tmp_path):
     summary = calibration_summary(v["probs"], v["targets"], t["probs"], t["targets"])
     write_calibration(ckpt, {"test": summary})
     with pytest.raises(UserError, match="0 of 300 validation images wrong"):
-        temperature_for([ckpt], tta_mode=None)
+        temperature_for([ckpt], tta=None)
