@@ -178,19 +178,9 @@ def markdown(result: dict) -> str:
 
 def compare_task(cfg) -> tuple[dict, dict]:
     """``task=compare``: compare the settings among ``compare.runs`` (in the run directory)."""
-    from omegaconf import OmegaConf
+    from tasks.ensemble import runs_option, setting_predictions
 
-    from tasks.ensemble import find_runs, setting_predictions
-
-    spec = cfg.compare.get("runs")
-    if not spec:
-        raise UserError(
-            "task=compare needs compare.runs: a grid multirun's sweep directory, or run "
-            "directories / globs of several settings, e.g. compare.runs=outputs/train/multiruns/<id>."
-        )
-    if OmegaConf.is_config(spec):
-        spec = OmegaConf.to_container(spec)
-    settings = setting_predictions(find_runs(spec, option="compare.runs"))
+    settings = setting_predictions(runs_option(cfg, "compare"))
     if len(settings) < 2:
         raise UserError(
             f"compare.runs holds {len(settings)} setting(s) with at least two finished members: "

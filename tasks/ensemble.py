@@ -723,20 +723,26 @@ def _no_ensemble_error(groups: list[Group], *, n_runs: int) -> UserError:
     )
 
 
-def ensemble_task(cfg) -> tuple[dict, dict]:
-    """``task=ensemble``: the report for existing runs (``ensemble.runs``), in the run directory."""
-    spec = cfg.ensemble.get("runs")
-    if not spec:
-        raise UserError(
-            "task=ensemble needs ensemble.runs: a sweep directory, run directories, or a glob, "
-            "e.g. ensemble.runs=outputs/train/multiruns/<date>_<id>."
-        )
+def runs_option(cfg, task: str) -> list[Path]:
+    """The run directories that ``<task>.runs`` names (``task=ensemble``, ``task=compare``);
+    unset is a :class:`UserError` saying what to give."""
     from omegaconf import OmegaConf
 
+    spec = cfg[task].get("runs")
+    if not spec:
+        raise UserError(
+            f"task={task} needs {task}.runs: a sweep directory, run directories, or a glob, "
+            f"e.g. {task}.runs=outputs/train/multiruns/<date>_<id>."
+        )
     if OmegaConf.is_config(spec):
         spec = OmegaConf.to_container(spec)
+    return find_runs(spec, option=f"{task}.runs")
+
+
+def ensemble_task(cfg) -> tuple[dict, dict]:
+    """``task=ensemble``: the report for existing runs (``ensemble.runs``), in the run directory."""
     out_dir = Path(cfg.paths.output_dir)
-    paths = find_runs(spec)
+    paths = runs_option(cfg, "ensemble")
     options = ReportOptions.from_config(cfg.ensemble)
     written = report_runs(paths, out_dir, strict=True, options=options)
     reports = [json.loads(p.with_name("report.json").read_text()) for p in written]

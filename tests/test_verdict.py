@@ -124,19 +124,24 @@ def test_intervals_and_paired_gains_match_a_direct_bootstrap(tmp_path):
     assert "## 95 % intervals" in md.read_text()
 
 
-def test_the_best_member_is_chosen_on_validation_not_on_test(tmp_path):
-    _member(tmp_path / "0", seed=1, sharpness=1.0)
-    _member(tmp_path / "1", seed=2, sharpness=1.0)
-    val = load_predictions(tmp_path / "1", "val")  # seed 2: perfect on validation
-    onehot = np.eye(C, dtype=np.float32)[val["targets"]] * 0.9 + 0.02
+def _perfect_on_validation(run):
+    """Rewrite a run's validation predictions: every image right, with confidence 0.92."""
+    val = load_predictions(run, "val")
+    perfect = np.eye(C, dtype=np.float32)[val["targets"]] * 0.9 + 0.02
     save_predictions(
-        tmp_path / "1",
+        run,
         "val",
-        probs=onehot,
+        probs=perfect,
         targets=val["targets"],
         ids=val["ids"].tolist(),
         class_names=CLASSES,
     )
+
+
+def test_the_best_member_is_chosen_on_validation_not_on_test(tmp_path):
+    _member(tmp_path / "0", seed=1, sharpness=1.0)
+    _member(tmp_path / "1", seed=2, sharpness=1.0)
+    _perfect_on_validation(tmp_path / "1")  # seed 2
     report, _ = _report(tmp_path)
     assert report["best_member"]["label"] == "seed 2"
     best = report["intervals"]["test"]["best member"]["acc"]["value"]
@@ -273,16 +278,7 @@ def test_a_temperature_that_cannot_be_fitted_is_refused_not_applied(tmp_path):
     """Every validation image right: the NLL falls as T -> 0; that is no fit."""
     for i in range(2):
         _member(tmp_path / str(i), seed=i + 1, sharpness=1.0)
-        val = load_predictions(tmp_path / str(i), "val")
-        perfect = np.eye(C, dtype=np.float32)[val["targets"]] * 0.9 + 0.02
-        save_predictions(
-            tmp_path / str(i),
-            "val",
-            probs=perfect,
-            targets=val["targets"],
-            ids=val["ids"].tolist(),
-            class_names=CLASSES,
-        )
+        _perfect_on_validation(tmp_path / str(i))
     report, md = _report(tmp_path)
     cal = report["calibration"]["test"]
     assert cal["ensemble"]["temperature"] is None and "T -> 0" in cal["ensemble"]["reason"]
