@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from datamodules.transforms import (
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# a decoded eval image keeps this many times the pixels its resize needs (no aliasing margin lost)
+DECODE_MARGIN = 1.25
 
 
 class SplitDataset(Dataset):
@@ -46,17 +49,32 @@ class SplitDataset(Dataset):
     """
 
     def __init__(
-        self, pool: Pool, indices: np.ndarray, targets: np.ndarray, transform, *, seed: int = 0
+        self,
+        pool: Pool,
+        indices: np.ndarray,
+        targets: np.ndarray,
+        transform,
+        *,
+        seed: int = 0,
+        min_short_side: int | None = None,
     ) -> None:
         self.pool, self.indices, self.targets, self.transform = pool, indices, targets, transform
         self.seed = seed
+        # eval splits: image files are decoded only as large as their views need (JPEG draft)
+        self.min_short_side = min_short_side if getattr(pool.load, "sized", False) else None
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def _load(self, row: int):
+        index = int(self.indices[row])
+        if self.min_short_side:
+            return self.pool.load(index, min_short_side=self.min_short_side)
+        return self.pool.load(index)
+
     def __getitem__(self, key):
         epoch, row = key if isinstance(key, tuple) else (None, key)
-        image = self.pool.load(int(self.indices[row]))
+        image = self._load(row)
         if epoch is None:
             return self.transform(image), int(self.targets[row]), row
         # the CPU generator alone, seeded then restored: what fork_rng + manual_seed did, without
@@ -114,6 +132,7 @@ class ImageDataModule(pl.LightningDataModule):
         mirror_invariant: bool = True,
         augment: Mapping | None = None,
         seed: int = 0,
+        draft_decode: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -137,6 +156,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.mirror_invariant = bool(mirror_invariant)
         self.augment = dict(augment or {})
         self.seed = int(seed)  # the training seed: data order and augmentation
+        self.draft_decode = bool(draft_decode)  # JPEGs of eval splits decoded at a reduced scale
         self.augment_options = augment_options(self.augment)
         self.color_pca: ColorPCA | None = None  # set in setup() when PCA jitter is on
         self.batch_augment: BatchPCAJitter | None = None  # the on-device part, training only
@@ -253,7 +273,12 @@ class ImageDataModule(pl.LightningDataModule):
             pool = pools[split]
             tf = transforms["train" if split == "train" else "eval"]
             self.datasets[split] = self.dataset_class(
-                pool, indices[split], targets[split], tf, seed=self.seed
+                pool,
+                indices[split],
+                targets[split],
+                tf,
+                seed=self.seed,
+                min_short_side=None if split == "train" else self.decode_short_side(),
             )
             self._ids[split] = [pool.ids[i] for i in indices[split]]
 
@@ -408,6 +433,15 @@ class ImageDataModule(pl.LightningDataModule):
             drop_last=drop_last,
         )
 
+    def decode_short_side(self, *, crop_pct: float | None = None, scale: float = 1.0) -> int | None:
+        """The short side an eval image file must keep when decoded: what its resize needs
+        (``image_size / crop_pct``, the data's eval crop or a TTA's, × a TTA ``scale``), with
+        :data:`DECODE_MARGIN` to spare; None when ``draft_decode`` is off."""
+        if not self.draft_decode:
+            return None
+        crop = min(self.eval_crop_pct, crop_pct or 1.0)
+        return math.ceil(DECODE_MARGIN * self.image_size * max(1.0, scale) / crop)
+
     def views_dataloader(self, split: str, tta, *, rows: Sequence[int] | None = None) -> DataLoader:
         """``split`` (in order) with ``tta``'s views of every image: batches of
         ``(view groups, targets, rows)``, each group ``(B, V, 3, h, w)``, about
@@ -425,7 +459,8 @@ class ImageDataModule(pl.LightningDataModule):
             interpolation=self.interpolation,
             eval_crop_pct=self.eval_crop_pct,
         )
-        dataset = SplitDataset(base.pool, base.indices, base.targets, views)
+        decode = self.decode_short_side(crop_pct=tta.crop_pct, scale=max(tta.scales or (1.0,)))
+        dataset = SplitDataset(base.pool, base.indices, base.targets, views, min_short_side=decode)
         if rows is not None:  # items keep their row number in the whole split
             dataset = Subset(dataset, [int(r) for r in rows])
         return DataLoader(

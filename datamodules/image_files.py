@@ -47,20 +47,30 @@ def folder_targets(root: Path, paths: Sequence[Path], class_names: Sequence[str]
 class ImageFiles(Dataset):
     """Images by path: item ``i`` is ``(transformed image, readable, i)``.
 
-    With ``blank_size``, an unreadable file gives the transform of a blank image of that size and
+    ``min_short_side``: see :func:`~datamodules.sources.folder.load_rgb`. With ``blank_size``,
+    an unreadable file gives the transform of a blank image of that size and
     ``readable=False`` instead of stopping (predictions report it); without, it is refused with
     a :class:`UserError` naming the file.
     """
 
-    def __init__(self, paths: Sequence[Path], transform, *, blank_size: int | None = None):
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        transform,
+        *,
+        blank_size: int | None = None,
+        min_short_side: int | None = None,
+    ):
         self.paths, self.transform, self.blank_size = list(paths), transform, blank_size
+        self.min_short_side = min_short_side  # JPEGs decoded only as large as needed
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(load_rgb(self.paths[i])), True, i
+            image = load_rgb(self.paths[i], min_short_side=self.min_short_side)
+            return self.transform(image), True, i
         except Exception as err:  # a corrupt or non-image file
             if self.blank_size is None:
                 raise UserError(

@@ -48,7 +48,7 @@ class Predictor(pl.LightningModule):
 
 def predict(cfg: DictConfig) -> tuple[dict, dict]:
     """Write the predictions CSV; returns ``({"predictions": csv path, ...}, objects)``."""
-    from datamodules.image_files import ImageFiles, image_files
+    from datamodules.image_files import image_files
     from lightning_modules.checkpoints import find_checkpoints
     from lightning_modules.data_contract import input_settings
     from lightning_modules.ensemble import load_model
@@ -69,19 +69,7 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
         interpolation=inputs["interpolation"],
     ).tta  # the views only: predict has no test step to hook into
     temperature = _temperature(cfg, checkpoints, tta)  # before predicting: refused early
-    views = tta.image_views(
-        image_size=inputs["image_size"],
-        mean=inputs["mean"],
-        std=inputs["std"],
-        interpolation=inputs["interpolation"],
-        eval_crop_pct=inputs["crop_pct"],
-    )
-    loader = DataLoader(
-        ImageFiles(files, views, blank_size=inputs["image_size"]),
-        batch_size=max(1, int(data.eval_batch_size or data.batch_size) // tta.num_views),
-        num_workers=int(data.num_workers),
-        shuffle=False,
-    )
+    loader = _loader(files, inputs, tta, data)
     trainer = instantiate(cfg.trainer, callbacks=[], logger=False)
     batches = trainer.predict(Predictor(model, tta), dataloaders=loader)
     probs = torch.cat([b["probs"] for b in batches]).float()
@@ -117,6 +105,40 @@ def _temperature(cfg: DictConfig, checkpoints: list[Path], tta) -> float | None:
         tta=tta_setting(tta),
         file=calibration_source(cfg.calibrate),
     )
+
+
+def _loader(files: list[Path], inputs: dict, tta, data) -> DataLoader:
+    """The files with ``tta``'s views of each, in the checkpoint's input settings."""
+    from datamodules.image_files import ImageFiles
+
+    views = tta.image_views(
+        image_size=inputs["image_size"],
+        mean=inputs["mean"],
+        std=inputs["std"],
+        interpolation=inputs["interpolation"],
+        eval_crop_pct=inputs["crop_pct"],
+    )
+    decode = _decode(inputs, tta, on=data.get("draft_decode", True))
+    return DataLoader(
+        ImageFiles(files, views, blank_size=inputs["image_size"], min_short_side=decode),
+        batch_size=max(1, int(data.eval_batch_size or data.batch_size) // tta.num_views),
+        num_workers=int(data.num_workers),
+        shuffle=False,
+    )
+
+
+def _decode(inputs: dict, tta, *, on: bool) -> int | None:
+    """The short side a photo must keep when decoded for these views (JPEG draft decoding,
+    ``data.draft_decode``), as the data module's eval splits do."""
+    import math
+
+    from datamodules.image_datamodule import DECODE_MARGIN
+
+    if not on:
+        return None
+    crop = min(float(inputs["crop_pct"]), float(tta.crop_pct))
+    scale = max(1.0, *tta.scales) if tta.mode == "multiscale" else 1.0
+    return math.ceil(DECODE_MARGIN * int(inputs["image_size"]) * scale / crop)
 
 
 def _calibrated(probs: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -349,3 +349,47 @@ def test_a_samples_augmentation_is_seeded_by_its_key_and_leaves_the_callers_rng_
         assert torch.equal(x, expected) and r == row
         assert torch.equal(torch.get_rng_state(), before)  # the caller's stream goes on untouched
     assert not torch.equal(dataset[(0, 0)][0], dataset[(1, 0)][0])  # another epoch, another draw
+
+
+def _photo(path, size=(2016, 1512)):
+    from sklearn.datasets import load_sample_image
+
+    Image.fromarray(load_sample_image("china.jpg")).resize(size).save(path, quality=90)
+    return path
+
+
+def test_eval_photos_are_decoded_only_as_large_as_their_views_need(tmp_path):
+    """A JPEG for a 224-px eval view decodes at a reduced DCT scale: the same picture within a
+    small tolerance, at a fraction of the pixels; the training split decodes whole."""
+    from datamodules.sources.folder import load_rgb
+    from datamodules.transforms import build_eval_transform
+
+    photo = _photo(tmp_path / "big.jpg")
+    full, small = load_rgb(photo), load_rgb(photo, min_short_side=300)
+    assert full.size == (2016, 1512) and small.size == (504, 378)  # 1/4 scale: short side >= 300
+    tf = build_eval_transform(image_size=224, mean=(0, 0, 0), std=(1, 1, 1), crop_pct=0.875)
+    difference = (tf(full) - tf(small)).abs()
+    assert difference.mean() < 0.01 and difference.max() < 0.25
+    Image.open(photo).save(tmp_path / "big.png")  # other formats: decoded whole
+    assert load_rgb(tmp_path / "big.png", min_short_side=300).size == (2016, 1512)
+
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(4):
+            _photo(tmp_path / "data" / cls / f"{i}.jpg", size=(1200, 900))
+    from datamodules.sources import ImageFolderSource
+
+    dm = ImageDataModule(
+        source=ImageFolderSource(root=str(tmp_path / "data")), image_size=64, eval_crop_pct=0.875
+    )
+    dm.setup()
+    assert dm.datasets["train"].min_short_side is None
+    assert dm.datasets["val"].min_short_side == dm.decode_short_side() == 92  # 1.25 x 64 / 0.875
+    off = ImageDataModule(
+        source=ImageFolderSource(root=str(tmp_path / "data")), image_size=64, draft_decode=False
+    )
+    off.setup()
+    assert off.datasets["val"].min_short_side is None
+    x_draft = dm.datasets["test"][0][0]
+    x_full = off.datasets["test"][0][0]
+    assert (x_draft - x_full).abs().mean() < 0.15  # normalised by ImageNet std: ~0.03 of [0, 1]

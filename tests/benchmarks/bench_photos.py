@@ -1,0 +1,123 @@
+"""The eval input pipeline on real-size photographs: JPEG draft decoding on and off.
+
+    RUN_BENCHMARKS=1 python -m pytest tests/benchmarks/bench_photos.py -s
+
+A data set generated here (nothing downloaded): crops, flips and colour shifts of the two photos
+scikit-learn ships, re-encoded as JPEG at ImageNet size (500x375) and at phone size
+(4032x3024), in class folders. Measured per worker (one process, one thread), interleaved
+repeats, median: images/s of the 224-px eval transform (load + decode + resize + crop +
+normalise) with ``data.draft_decode`` on and off, for a data module's test split and for
+five-crop TTA views. Then the predictions of a network on both inputs: the share of images
+whose predicted class is unchanged and the largest probability change.
+
+Targets: phone-size eval >= 3x faster with draft decoding; ImageNet-size within 10 % (the
+repeats' spread allowed); predictions unchanged on >= 99 % of the images.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SIZES = {"imagenet": ((500, 375), 60), "phone": ((4032, 3024), 24)}
+REPEATS = 3
+
+
+def _photos(root: Path, size: tuple[int, int], count: int) -> Path:
+    from PIL import Image, ImageOps
+    from sklearn.datasets import load_sample_image
+
+    rng = np.random.default_rng(0)
+    sources = [Image.fromarray(load_sample_image(n)) for n in ("china.jpg", "flower.jpg")]
+    for i in range(count):
+        cls = i % 2
+        img = sources[cls]
+        w, h = img.size
+        box = (int(rng.integers(0, w // 4)), int(rng.integers(0, h // 4)))
+        img = img.crop((*box, box[0] + 3 * w // 4, box[1] + 3 * h // 4)).resize(size)
+        if rng.random() < 0.5:
+            img = ImageOps.mirror(img)
+        shift = rng.uniform(0.85, 1.15, size=3)
+        arr = np.clip(np.asarray(img, dtype=np.float32) * shift, 0, 255).astype(np.uint8)
+        folder = root / f"class{cls}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(folder / f"{i:04d}.jpg", quality=90)
+    return root
+
+
+def _datamodule(root: Path, draft: bool):
+    from datamodules import ImageDataModule
+    from datamodules.sources import ImageFolderSource
+
+    dm = ImageDataModule(
+        source=ImageFolderSource(root=str(root)),
+        image_size=224,
+        eval_crop_pct=0.875,
+        val_fraction=0.1,
+        test_fraction=0.8,
+        draft_decode=draft,
+    )
+    dm.setup()
+    return dm
+
+
+def _rate(dataset) -> float:
+    start = time.perf_counter()
+    for i in range(len(dataset)):
+        dataset[i]
+    return len(dataset) / (time.perf_counter() - start)
+
+
+@pytest.mark.parametrize("kind", list(SIZES))
+def test_draft_decoding_of_eval_photos(tmp_path, kind):
+    from lightning_modules.tta import TestTimeAugmentation
+
+    torch.set_num_threads(1)
+    size, count = SIZES[kind]
+    root = _photos(tmp_path / kind, size, count)
+    dms = {draft: _datamodule(root, draft) for draft in (False, True)}
+    tta = TestTimeAugmentation(mode="five_crop")
+    views = {d: dm.views_dataloader("test", tta).dataset for d, dm in dms.items()}
+    rates = {(d, what): [] for d in dms for what in ("eval", "five_crop")}
+    for _ in range(REPEATS):  # interleaved
+        for d, dm in dms.items():
+            rates[(d, "eval")].append(_rate(dm.datasets["test"]))
+            rates[(d, "five_crop")].append(_rate(views[d]))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    spread = {k: max(v) - min(v) for k, v in rates.items()}
+    print(
+        f"\n{kind} ({size[0]}x{size[1]}, {len(dms[True].datasets['test'])} test images), "
+        "images/s per worker:"
+    )
+    for what in ("eval", "five_crop"):
+        print(
+            f"  {what:>9}: whole {med[(False, what)]:7.1f}, draft {med[(True, what)]:7.1f} "
+            f"({med[(True, what)] / med[(False, what)]:.2f}x)"
+        )
+
+    import timm
+
+    net = timm.create_model("resnet18", num_classes=10).eval()  # random weights: any net will do
+    x = {
+        d: torch.stack([dms[d].datasets["test"][i][0] for i in range(len(dms[d].datasets["test"]))])
+        for d in dms
+    }
+    with torch.no_grad():
+        p = {d: net(x[d]).softmax(-1) for d in dms}
+    same = float((p[True].argmax(1) == p[False].argmax(1)).float().mean())
+    print(
+        f"  predictions: class unchanged on {same * 100:.1f} %, "
+        f"largest probability change {(p[True] - p[False]).abs().max():.4f}"
+    )
+    assert same >= 0.99
+    ratio = med[(True, "eval")] / med[(False, "eval")]
+    if kind == "phone":
+        assert ratio >= 3.0
+    else:
+        tolerance = spread[(False, "eval")] / med[(False, "eval")]
+        assert ratio >= 0.9 - tolerance
