@@ -69,12 +69,13 @@ def find_lr(cfg: DictConfig, datamodule):
     seed_run(cfg.seed)
     model, finetuning = build_model(_with_lr(cfg, PROBE_LR), datamodule)
     model.train()
-    if finetuning.callback:  # the strategy's first stage: what is frozen stays frozen
+    if finetuning.callback:  # the strategy's last stage: the LR must hold with all it unfreezes
         unfreeze = instantiate(finetuning.callback)
         plan = unfreeze.make_plan(model.net, max_epochs=cfg.trainer.get("max_epochs"))
         model.finetune_plan = plan
         unfreeze.plan = plan
-        unfreeze.set_state(model.net, 0, training=True)
+        last = max((e for e in plan.unfreeze_epochs if e is not None), default=0)
+        unfreeze.set_state(model.net, last, training=True)
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     device = (
         "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
