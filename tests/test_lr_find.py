@@ -105,3 +105,18 @@ def test_progressive_is_tested_with_every_group_it_will_unfreeze(
         find_lr(cfg, dm)
         assert all(seen["trainable"]) is all_trainable, strategy
         assert any(seen["trainable"])  # the head, at least
+
+
+def test_a_range_test_over_a_few_images_says_its_suggestion_is_noise(cfg_factory, caplog):
+    from tasks.instantiate import instantiate
+    from tasks.lr_find import warn_if_memorised
+
+    dm = instantiate(cfg_factory("data.max_per_class=5").data, _convert_="all")
+    dm.setup("fit")
+    with caplog.at_level("WARNING"):
+        assert warn_if_memorised(100, dm) == pytest.approx(100.0)  # 100 steps of all 50 images
+    assert "over 50 training images (100 passes)" in caplog.text
+    caplog.clear()
+    big = instantiate(cfg_factory().data, _convert_="all")
+    big.setup("fit")
+    assert warn_if_memorised(30, big) < 3 and "range test" not in caplog.text
