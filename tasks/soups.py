@@ -77,6 +77,7 @@ def build_soups(
         "uniform": (average_state_dicts(list(states.values())), names),
         "greedy": (greedy.state_dict, greedy.kept),
     }
+    alone = {name: float(score) for name, score in greedy.individual.items()}
     results = {}
     for kind, (state, kept) in soups.items():
         results[kind] = pot.serve(kind, state, out_dir / SOUP_DIR)
@@ -89,6 +90,8 @@ def build_soups(
             names=names,
         )
         results[kind].update(checkpoint=str(path), members=kept)
+        if kind == "greedy":  # each member's validation accuracy as the greedy choice saw it
+            results[kind]["member_val_acc"] = alone
         results[kind].update(_calibrate(out_dir / SOUP_DIR, kind, path, pot.tta))
         log.info("%s soup of %s: %s", kind.capitalize(), ", ".join(kept), path)
     return results

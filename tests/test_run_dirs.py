@@ -64,7 +64,11 @@ def test_the_same_run_dir_twice_is_refused_and_never_half_overwritten(tmp_path):
     first = run_cli(*TINY, f"hydra.run.dir={run_dir}", env=ONE_THREAD)
     assert first.returncode == 0, first.stderr[-2000:]
     before = _digest(run_dir)
-    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {
+        "best.ckpt",
+        "last.ckpt",
+        "best.calibration.json",  # its temperatures, fitted on validation
+    }
 
     again = run_cli(*TINY, f"hydra.run.dir={run_dir}", env=ONE_THREAD)
     assert again.returncode == 2
