@@ -48,7 +48,7 @@ def compare_figure(path: Path, result: dict) -> Path:
     left.set_yticks(range(len(settings)), [r["setting"] for r in settings])
     left.invert_yaxis()
     left.set_xlabel("test accuracy %")
-    left.legend(loc="best", fontsize="small")
+    left.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), fontsize="small", ncols=2)
     for i, d in enumerate(diffs):
         c = d["difference"]["acc"]
         color = "C3" if d["model"] == "ensemble" else "C0"
@@ -64,7 +64,7 @@ def compare_figure(path: Path, result: dict) -> Path:
     right.axvline(0, color="0.5", linestyle="--", linewidth=1)
     right.set_yticks(range(len(diffs)), [f"{d['b']} − {d['a']} ({d['model']})" for d in diffs])
     right.invert_yaxis()
-    right.set_xlabel("paired difference in test accuracy (points); filled: excludes 0")
+    right.set_xlabel("paired acc difference (points)\nfilled: excludes 0")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png", dpi=110)
