@@ -265,8 +265,6 @@ def stored_temperature(checkpoint, *, tta: dict | None = None) -> float:
     """The temperature fitted for ``checkpoint``'s predictions with the views ``tta``
     (:func:`tta_setting`; None: single view), or a :class:`UserError` saying why there is
     none."""
-    import json
-
     from datamodules.errors import UserError
 
     checkpoint = Path(checkpoint)
@@ -277,24 +275,13 @@ def stored_temperature(checkpoint, *, tta: dict | None = None) -> float:
             "training runs write it when they finish): give a checkpoint of a finished run, "
             "or calibrate=false."
         )
-    data = json.loads(path.read_text())
-    if data.get("sha256") != file_sha256(checkpoint):
+    found = _temperature_in(path, [file_sha256(checkpoint)], tta=tta)
+    if found is None:
         raise UserError(
             f"calibrate=true: {path} was fitted for another version of {checkpoint.name} (the "
             "checkpoint changed since): re-run the training run's test, or calibrate=false."
         )
-    split = "test_tta" if tta else "test"
-    if split in data.get("temperature", {}) and data["temperature"][split] is None:
-        reason = data.get("fits", {}).get(split, {}).get("reason", "no temperature was fitted")
-        raise UserError(f"calibrate=true: {checkpoint}: {reason}; or calibrate=false.")
-    if split not in data.get("temperature", {}):
-        raise UserError(
-            f"calibrate=true: {path} has no temperature for {'TTA' if tta else 'single-view'} "
-            f"predictions (it has {', '.join(data.get('temperature', {})) or 'none'}): use the "
-            "run's tta setting, or calibrate=false."
-        )
-    _check_views(path, data.get("tta"), tta)
-    return float(data["temperature"][split])
+    return found
 
 
 ENSEMBLE_CALIBRATION = "calibration.json"  # in an ensemble report's directory
@@ -332,7 +319,7 @@ def temperature_for(checkpoints, *, tta: dict | None, file=None) -> float:
     if file is not None:
         if not Path(file).is_file():
             raise UserError(f"calibrate={file}: no such file; give a calibration.json.")
-        found = _ensemble_temperature(Path(file), digests, tta=tta)
+        found = _temperature_in(Path(file), digests, tta=tta)
         if found is None:
             raise UserError(
                 f"calibrate={file} was fitted for other checkpoints than these "
@@ -343,7 +330,7 @@ def temperature_for(checkpoints, *, tta: dict | None, file=None) -> float:
     sweeps = {c.resolve().parent.parent.parent for c in checkpoints}  # <sweep>/<run>/checkpoints/x
     for sweep in sorted(sweeps):
         for path in sorted((sweep / "ensemble").glob(f"**/{ENSEMBLE_CALIBRATION}")):
-            found = _ensemble_temperature(path, digests, tta=tta)
+            found = _temperature_in(path, digests, tta=tta)
             if found is not None:
                 return found
     raise UserError(
@@ -354,30 +341,34 @@ def temperature_for(checkpoints, *, tta: dict | None, file=None) -> float:
     )
 
 
-def _ensemble_temperature(path: Path, digests: list[str], *, tta: dict | None) -> float | None:
-    """The temperature in ``path`` (an ensemble's ``calibration.json``, or a checkpoint's) when
-    it was fitted for the checkpoints with these SHA-256s, else None."""
+def _temperature_in(path: Path, digests: list[str], *, tta: dict | None) -> float | None:
+    """The temperature in ``path`` (a checkpoint's ``.calibration.json``, or an ensemble's
+    ``calibration.json``) for predictions with the views ``tta``, when it was fitted for the
+    checkpoints with these SHA-256s; None when it was fitted for others; a :class:`UserError`
+    when it was fitted for them but holds no usable temperature for these views."""
     import json
 
     from datamodules.errors import UserError
 
     data = json.loads(path.read_text())
     fitted_for = [m["sha256"] for m in data.get("members", [])] or [data.get("sha256")]
-    if sorted(fitted_for) != digests:
+    if sorted(fitted_for) != sorted(digests):
         return None
     split = "test_tta" if tta else "test"
-    _check_views(path, data.get("tta"), tta)
-    if data.get("temperature", {}).get(split, 0) is None:
-        raise UserError(
-            f"calibrate: {path} records that no temperature could be fitted for these "
-            "checkpoints (see its report's calibration table): calibrate=false."
-        )
-    if split not in data.get("temperature", {}):
+    temperatures = data.get("temperature", {})
+    if split not in temperatures:
         raise UserError(
             f"calibrate: {path} has no temperature for {'TTA' if tta else 'single-view'} "
-            "predictions: use the runs' tta setting, or calibrate=false."
+            f"predictions (it has {', '.join(temperatures) or 'none'}): use the runs' tta "
+            "setting, or calibrate=false."
         )
-    return float(data["temperature"][split])
+    _check_views(path, data.get("tta"), tta)
+    if temperatures[split] is None:  # refused when it was fitted
+        reason = data.get("fits", {}).get(split, {}).get("reason")
+        raise UserError(
+            f"calibrate: {path}: {reason or 'no temperature could be fitted'}; or calibrate=false."
+        )
+    return float(temperatures[split])
 
 
 def calibration_source(value) -> Path | None:

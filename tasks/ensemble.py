@@ -575,23 +575,38 @@ def _compare(groups: list[Group], out_dir: Path, options: ReportOptions, *, stri
 
 def setting_predictions(paths: list[Path]) -> list[tuple[str, dict]]:
     """``(title, members' predictions)`` of every setting among ``paths`` with enough finished,
-    matching members (the others are logged and left out)."""
+    matching members (the others are logged and left out; mismatched members raise)."""
     groups = group_runs(_member_runs(paths, strict=True))
-    out = []
-    for group in groups:
-        members = group.members
-        for run in group.left_out:
-            log.warning("Left out: %s (%s): %s", run.label, run.path, run.reason)
-        if len(members) < MIN_MEMBERS:
-            log.warning(
-                "Left out of the comparison: %s (%d finished run(s)).", group.title, len(members)
-            )
-            continue
+    found = [(g, _checked_predictions(g, several=True, strict=True)) for g in groups]
+    return [(g.title, predictions) for g, predictions in found if predictions is not None]
+
+
+def _checked_predictions(group: Group, *, several: bool, strict: bool) -> dict | None:
+    """The members' predictions of a setting, checked to match (:func:`check_members`); None,
+    logged, when it has too few finished members or (without ``strict``) they do not match."""
+    members = group.members
+    where = f" for {group.title}" if several else ""
+    for run in group.left_out:
+        log.warning("Left out of the ensemble: %s (%s): %s", run.label, run.path, run.reason)
+    if len(members) < MIN_MEMBERS:
+        log.warning(
+            "No ensemble report%s: %d member(s) finished (%s); it needs at least %d.",
+            where,
+            len(members),
+            ", ".join(r.label for r in members) or "none",
+            MIN_MEMBERS,
+        )
+        return None
+    try:
         predictions = load_members(members)
         for preds in predictions.values():
             check_members(members, preds)
-        out.append((group.title, predictions))
-    return out
+    except UserError as err:
+        if strict:
+            raise
+        log.error("No ensemble report%s: %s", where, err)
+        return None
+    return predictions
 
 
 def _member_runs(paths: list[Path], *, strict: bool) -> list[Run]:
@@ -613,25 +628,8 @@ def _report_group(
     """One setting's report in ``out_dir``: its ``report.md``, or ``None`` (logged) when the
     group has too few members or they do not match (with ``strict``, that raises)."""
     members = group.members
-    for run in group.left_out:
-        log.warning("Left out of the ensemble: %s (%s): %s", run.label, run.path, run.reason)
-    if len(members) < MIN_MEMBERS:
-        log.warning(
-            "No ensemble report%s: %d member(s) finished (%s); it needs at least %d.",
-            f" for {group.title}" if several else "",
-            len(members),
-            ", ".join(r.label for r in members) or "none",
-            MIN_MEMBERS,
-        )
-        return None
-    try:
-        predictions = load_members(members)
-        for preds in predictions.values():
-            check_members(members, preds)
-    except UserError as err:
-        if strict:
-            raise
-        log.error("No ensemble report%s: %s", f" for {group.title}" if several else "", err)
+    predictions = _checked_predictions(group, several=several, strict=strict)
+    if predictions is None:
         return None
     soups = _soups(group, predictions, out_dir) if options.soups else None
     report = build_report(group, predictions, soups=soups, options=options)
