@@ -402,10 +402,21 @@ class ImageDataModule(pl.LightningDataModule):
         return batch_seed(self.seed, int(getattr(trainer, "global_rank", 0)), epoch, count)
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, split: str, *, train: bool) -> DataLoader:
+    def eval_dataloader(self, split: str, *, rows: Sequence[int] | None = None) -> DataLoader:
+        """``split`` in order, with its own transform, unshuffled, in eval-size batches (as
+        ``val_dataloader`` for validation); ``rows``: only these rows, each item keeping its row
+        number in the whole split. For predictions outside a Trainer (validation predictions,
+        soups, the images of BatchNorm statistics)."""
+        return self._loader(split, train=False, rows=rows)
+
+    def _loader(self, split: str, *, train: bool, rows: Sequence[int] | None = None) -> DataLoader:
+        from torch.utils.data import Subset
+
         if split not in self.datasets:
             self.setup()
         dataset = self.datasets[split]
+        if rows is not None:
+            dataset = Subset(dataset, [int(r) for r in rows])
         batch_size = self.batch_size if train else self.eval_batch_size
         # a last training batch of one sample breaks BatchNorm: drop it (only that case)
         drop_last = train and len(dataset) > batch_size and len(dataset) % batch_size == 1
@@ -420,7 +431,7 @@ class ImageDataModule(pl.LightningDataModule):
         sampler = None
         if train:  # order and augmentation fixed by (seed, epoch): exact resume
             sampler = EpochSampler(
-                len(self.datasets[split]), seed=self.seed, trainer=getattr(self, "trainer", None)
+                len(dataset), seed=self.seed, trainer=getattr(self, "trainer", None)
             )
         return DataLoader(
             dataset,

@@ -30,7 +30,7 @@ def predict_split(
 
     Args:
         model: returns logits (or log-probabilities) for a batch of images.
-        datamodule: an image data module (``<split>_dataloader``, ``views_dataloader``).
+        datamodule: an image data module (``eval_dataloader``, ``views_dataloader``).
         split: ``"val"`` or ``"test"``.
         tta: a :class:`~lightning_modules.tta.TestTimeAugmentation`: the mean of its views'
             softmaxes instead of the single view.
@@ -44,30 +44,17 @@ def predict_split(
     chunks = []
     try:
         if tta is not None and tta.enabled:
-            loader = datamodule.views_dataloader(split, tta, rows=rows)
-            for groups, y, rows in loader:
+            for groups, y, batch_rows in datamodule.views_dataloader(split, tta, rows=rows):
                 with context():
                     probs = tta.probabilities(model, [g.to(device) for g in groups])
-                chunks.append((probs.float().cpu(), y, rows))
+                chunks.append((probs.float().cpu(), y, batch_rows))
         else:
-            loader = _loader(datamodule, split, rows)
-            for x, y, rows in loader:
+            for x, y, batch_rows in datamodule.eval_dataloader(split, rows=rows):
                 with context():
                     probs = model(x.to(device)).float().softmax(-1)
-                chunks.append((probs.cpu(), y, rows))
+                chunks.append((probs.cpu(), y, batch_rows))
     finally:
         model.train(was_training)
     probs, targets, rows = (torch.cat(parts) for parts in zip(*chunks, strict=True))
     order = torch.argsort(rows, stable=True)
     return {"probs": probs[order], "targets": targets[order], "rows": rows[order]}
-
-
-def _loader(datamodule, split: str, rows: Sequence[int] | None):
-    """The split's eval loader; with ``rows``, the same batches of those rows only."""
-    loader = getattr(datamodule, f"{split}_dataloader")()
-    if rows is None:
-        return loader
-    from torch.utils.data import DataLoader, Subset
-
-    subset = Subset(loader.dataset, list(rows))
-    return DataLoader(subset, batch_size=loader.batch_size, num_workers=loader.num_workers)

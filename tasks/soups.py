@@ -63,15 +63,13 @@ def build_soups(
     predict exactly those (a run with ``limit_test_batches`` tested only some).
     """
     from lightning_modules.checkpoints import read_checkpoint
-    from lightning_modules.soup import average_state_dicts, differing_batchnorm, greedy_soup
+    from lightning_modules.soup import average_state_dicts, greedy_soup
 
     raw = [read_checkpoint(p) for p in checkpoints]
     names = [f"seed {m.seed}" for m in members]
     states = dict(zip(names, (_net_state(c) for c in raw), strict=True))
-    pot = _Pot(checkpoints[0], contract, tta_config, dict(zip(names, val_accuracy, strict=True)))
-    pot.rows = {split: _rows(pot.datamodule, split, wanted) for split, wanted in ids.items()}
-    pot.bn_layers = differing_batchnorm(pot.model.net, list(states.values()))
-    pot.members = {id(state): name for name, state in states.items()}
+    own_acc = dict(zip(names, val_accuracy, strict=True))
+    pot = _Pot(checkpoints[0], contract, tta_config, states=states, own_acc=own_acc, ids=ids)
     greedy = greedy_soup(list(states.items()), pot.val_acc)
     soups = {
         "uniform": (average_state_dicts(list(states.values())), names),
@@ -101,18 +99,32 @@ class _Pot:
     """One network to load soups into, the members' data (validation, test, and training
     images for BatchNorm statistics) and their TTA."""
 
-    def __init__(self, checkpoint: Path, contract: dict, tta_config, own_acc: dict) -> None:
+    def __init__(
+        self,
+        checkpoint: Path,
+        contract: dict,
+        tta_config,
+        *,
+        states: dict[str, dict],
+        own_acc: dict[str, float],
+        ids: dict[str, list[str]],
+    ) -> None:
         import torch
 
+        from lightning_modules.ensemble import load_classifier
+        from lightning_modules.soup import differing_batchnorm
+
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = _model_like(checkpoint).to(self.device)
+        self.model = load_classifier(checkpoint).to(self.device)
         self.datamodule = _datamodule(contract)
         self.tta = _tta(tta_config, self.datamodule)
-        self.bn_batches = _bn_batches(self.datamodule)
         self.own_acc = own_acc
-        self.members: dict[int, str] = {}  # id of a member's own state dict -> its name
-        self.rows: dict[str, list[int] | None] = {}  # per split, the rows the members predicted
-        self.bn_layers: list[str] = []  # BatchNorm layers that differ between the members
+        self.members = {id(state): name for name, state in states.items()}  # a member alone
+        # per split, the rows the members predicted (None: all)
+        self.rows = {split: _rows(self.datamodule, split, wanted) for split, wanted in ids.items()}
+        # the BatchNorm layers that differ between the members, and images to re-estimate them
+        self.bn_layers = differing_batchnorm(self.model.net, list(states.values()))
+        self.bn_batches = _bn_batches(self.datamodule) if self.bn_layers else []
 
     def load(self, state) -> int:
         """Load ``state``; re-estimate its BatchNorm statistics (the number of layers)."""
@@ -206,12 +218,6 @@ def _net_state(checkpoint: dict) -> dict:
     }
 
 
-def _model_like(path: Path):
-    from lightning_modules.ensemble import load_classifier
-
-    return load_classifier(path)
-
-
 def _datamodule(contract: dict):
     """The members' data (their contract's ``data``), without training augmentation."""
     from omegaconf import OmegaConf, open_dict
@@ -242,17 +248,12 @@ def _tta(tta_config: dict | None, datamodule):
 def _bn_batches(datamodule) -> list:
     """Up to :data:`MAX_BN_IMAGES` training images drawn at random (seeded; training rows are in
     class order, so the first ones would be a few classes), in eval-size batches, kept in
-    memory: the same images for every soup."""
+    memory: the same images for every soup. The data has no augmentation (:func:`_datamodule`)."""
     import numpy as np
-    from torch.utils.data import DataLoader, Subset
 
-    loader = datamodule._loader("train", train=False)
-    n = len(loader.dataset)
+    n = len(datamodule.datasets["train"])
     rows = np.sort(np.random.default_rng(0).permutation(n)[:MAX_BN_IMAGES]).tolist()
-    subset = DataLoader(
-        Subset(loader.dataset, rows), batch_size=loader.batch_size, num_workers=loader.num_workers
-    )
-    return [x for x, _, _ in subset]
+    return [x for x, _, _ in datamodule.eval_dataloader("train", rows=rows)]
 
 
 def _save_soup(
