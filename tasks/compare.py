@@ -72,12 +72,14 @@ def compare(
 
 
 def _score(members: list[dict], counts: np.ndarray, *, level: float) -> tuple[dict, dict]:
-    """A setting's members (mean, std), its mean member and ensemble with intervals; and the
-    bootstrap samples of the latter two (for paired differences)."""
+    """A setting's members (mean, std), its mean member and ensemble with intervals
+    (:func:`tasks.verdict.intervals`); and the bootstrap samples and values of the latter two
+    (for paired differences)."""
+    from tasks.verdict import intervals
+
     targets = members[0]["targets"]
     probs = [p["probs"] for p in members]
     scores = [M.summarize(p, targets) for p in probs]
-    ensemble = np.mean(np.stack([p.astype(np.float64) for p in probs]), axis=0)
     spread = {
         k: {
             "mean": float(np.mean([s[k] for s in scores])),
@@ -85,18 +87,12 @@ def _score(members: list[dict], counts: np.ndarray, *, level: float) -> tuple[di
         }
         for k in METRICS
     }
-    ens = B.metric_samples(ensemble, targets, counts)
-    values = {
-        "ensemble": {k: v for k, v in M.summarize(ensemble, targets).items() if k in METRICS},
-        "mean member": {k: spread[k]["mean"] for k in METRICS},
-    }
-    samples = {
-        "ensemble": {k: ens[k] for k in METRICS},
-        "mean member": B.mean_samples([B.metric_samples(p, targets, counts) for p in probs]),
-    }
-    entry = {"members": spread}
-    for model in MODELS:
-        entry[model] = B.summarize_samples(samples[model], values[model], level=level)
+    ensemble = np.mean(np.stack([p.astype(np.float64) for p in probs]), axis=0)
+    table, samples = intervals(
+        {"ensemble": ensemble, "mean member": probs}, targets, counts, level=level
+    )
+    entry = {"members": spread, **table}
+    values = {m: {k: table[m][k]["value"] for k in METRICS} for m in MODELS}
     return entry, {m: (samples[m], values[m]) for m in MODELS}
 
 

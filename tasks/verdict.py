@@ -82,21 +82,16 @@ def intervals(
 ) -> tuple[dict[str, dict], dict[str, dict[str, np.ndarray]]]:
     """Point value and interval per metric of each model (a list of probabilities = their
     mean member), and the bootstrap samples (for paired differences)."""
-    samples, values = {}, {}
+    samples, out = {}, {}
     for name, probs in models.items():
         if isinstance(probs, list):
-            per = [B.metric_samples(p, targets, counts) for p in probs]
-            samples[name] = B.mean_samples(per)
-            values[name] = {
-                k: float(np.mean([_summary(p, targets)[k] for p in probs])) for k in METRICS
-            }
+            samples[name] = B.mean_samples([B.metric_samples(p, targets, counts) for p in probs])
+            scores = [_summary(p, targets) for p in probs]
+            values = {k: float(np.mean([s[k] for s in scores])) for k in METRICS}
         else:
             samples[name] = B.metric_samples(probs, targets, counts)
-            values[name] = _summary(probs, targets)
-    out = {
-        name: {k: {"value": values[name][k], **_bounds(samples[name][k], level)} for k in METRICS}
-        for name in models
-    }
+            values = _summary(probs, targets)
+        out[name] = B.summarize_samples(samples[name], values, level=level)
     return out, samples
 
 
@@ -107,11 +102,6 @@ def paired(
     values_a = {k: table[a][k]["value"] for k in METRICS}
     values_b = {k: table[b][k]["value"] for k in METRICS}
     return B.difference(samples[a], samples[b], values_a, values_b, level=level)
-
-
-def _bounds(samples: np.ndarray, level: float) -> dict[str, float]:
-    lo, hi = B.interval(samples, level)
-    return {"lo": lo, "hi": hi}
 
 
 def _summary(probs, targets) -> dict[str, float]:
