@@ -117,6 +117,8 @@ def test_a_run_with_too_few_steps_says_so_once(cfg_factory, caplog):
         "data.max_per_class=10", "trainer.max_epochs=15", f"data.batch_size={suggested}"
     )
     assert enough >= FEW_STEPS and "optimizer steps" not in text
+    default, text = steps("trainer.max_epochs=5")  # the default job: 1,259 images, batch 64
+    assert default == 100 and "optimizer steps" not in text
     assert (
         steps("data.max_per_class=10", "trainer.max_epochs=15", "trainer.limit_train_batches=2")[0]
         is None
