@@ -196,6 +196,60 @@ def _args(command: Command) -> list[str]:
     return [*command.argv[2:], *small_overrides(command)]
 
 
+def _paths(arg: str) -> list[str]:
+    """The relative paths an argument names (its value, split at list and sweep separators)."""
+    value = arg.split("=", 1)[-1]
+    pieces = (p.strip("'\"") for p in re.split(r"[\[\],]", value))
+    return [p for p in pieces if "/" in p and not p.startswith("/")]
+
+
+def _cost(command: Command) -> int:
+    """A rough cost in seconds: jobs of a multirun (its swept values multiplied) of ~4 s each."""
+    jobs = 1
+    if "-m" in command.argv:
+        for a in command.argv:
+            value = a.split("=", 1)[-1]
+            if "=" in a and "," in value and "[" not in value and "(" not in value:
+                jobs *= value.count(",") + 1
+    return 3 + 4 * jobs
+
+
+def _balanced(commands: list[Command], head_start: int) -> tuple[list[Command], list[Command]]:
+    """Two lists of commands for two runners of about the same cost; the first runner has
+    ``head_start`` seconds of work already. A command that names a folder another one writes
+    (``hydra.run.dir=``/``hydra.sweep.dir=``) runs after it in the same runner; a helper module's
+    command (it writes files that configs name, e.g. weights) runs in both; reading order kept."""
+    helpers = [i for i, c in enumerate(commands) if _module(c)]
+    group = list(range(len(commands)))
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    for i, producer in enumerate(commands):
+        made = [
+            p
+            for a in producer.argv
+            if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))
+            for p in _paths(a)
+        ]
+        for j in range(i + 1, len(commands)):
+            named = [p for a in commands[j].argv for p in _paths(a)]
+            if any(n.startswith(m) for m in made for n in named):
+                group[root(j)] = root(i)
+    parts: dict[int, list[int]] = {}
+    for i in range(len(commands)):
+        if i not in helpers:
+            parts.setdefault(root(i), []).append(i)
+    load, lists = [head_start, 0], (list(helpers), list(helpers))
+    for part in sorted(parts.values(), key=lambda ix: -sum(_cost(commands[i]) for i in ix)):
+        k = 0 if load[0] <= load[1] else 1
+        lists[k].extend(part)
+        load[k] += sum(_cost(commands[i]) for i in part)
+    return tuple([commands[i] for i in sorted(ix)] for ix in lists)
+
+
 def _start(world: Path, commands: list[tuple[Command, list[str]]], name: str):
     """Run the commands one after another in ``world`` (a runner process of their own)."""
     plan = [
@@ -271,7 +325,11 @@ def test_every_documented_command_runs(tmp_path):
     # Two users' folders, one runner each (two cores): the README's first run and sweep, then
     # the commands that name them, in one; the other commands in the other.
     mine, other = _user_folder(tmp_path / "a"), _user_folder(tmp_path / "b")
-    rest = [c for c in plain if c not in first]
+    filled = [c for c in runs if c not in plain]
+    # the plain commands split between the two folders by cost (the first one also runs the
+    # README's first commands and those that name their outputs)
+    head_start = sum(_cost(c) for c in first + filled)
+    mine_plain, rest = _balanced([c for c in plain if c not in first], head_start)
     runner = _start(other, [(c, _args(c)) for c in rest], "plain")
     try:
         first_plan = [(c, _args(c)) for c in first]
@@ -287,13 +345,15 @@ def test_every_documented_command_runs(tmp_path):
             "<a.ckpt>": [f"{sweep}/0/checkpoints/best.ckpt"],
             "<b.ckpt>": [f"{sweep}/1/checkpoints/best.ckpt"],
         }
-        filled = [c for c in runs if c not in plain]
         filled_plan = [(c, _fill(_args(c), values)) for c in filled]
         done += _results(mine, _start(mine, filled_plan, "filled"), "filled")
+        mine_plan = [(c, _args(c)) for c in mine_plain]
+        done += _results(mine, _start(mine, mine_plan, "mine"), "mine")
         done += _results(other, runner, "plain")
     finally:
         runner.kill()
-    assert len(done) == len(runs), f"{len(runs) - len(done)} commands did not finish in time"
+    expected = len(runs) + sum(1 for c in plain if _module(c))  # helpers run in both folders
+    assert len(done) == expected, f"{expected - len(done)} commands did not finish in time"
     report = [
         f"{d['seconds']:7.1f} s  rc {d['rc']}  {d['where']}: "
         f"{'-m ' + d['module'] if d.get('module') else 'run.py'} {' '.join(d['argv'])}"
