@@ -15,14 +15,11 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from tests.benchmarks.spread import relative_spread
+
 BACKBONE = "resnet10t"  # the default model
 CACHE_SPEEDUP = 20.0
 FROZEN_STEP = 0.5
-
-
-def _spread(times: list[float]) -> float:
-    """(max - min) / median of repeated timings: how far a ratio of them can wander."""
-    return (max(times) - min(times)) / statistics.median(times)
 
 
 class EpochTimer(pl.Callback):
@@ -74,7 +71,7 @@ def test_bench_feature_cache(tmp_path):
     per_plain = statistics.median(plain[1:])
     per_cached = statistics.median(cached[1:])
     ratios = [a / b for a, b in zip(plain[1:], cached[1:], strict=True)]  # epoch by epoch
-    spread = _spread(ratios)
+    spread = relative_spread(ratios)
     print(
         f"\n[feature cache] {BACKBONE} on digits, linear probe, per epoch: uncached "
         f"{per_plain * 1000:.1f} ms, cached {per_cached * 1000:.1f} ms -> "
@@ -129,7 +126,7 @@ def test_bench_frozen_step_vs_full_step():
 
     full_times, frozen_times = step_time(False), step_time(True)
     full, frozen = statistics.median(full_times), statistics.median(frozen_times)
-    spread = _spread(full_times) + _spread(frozen_times)
+    spread = relative_spread(full_times) + relative_spread(frozen_times)
     print(
         f"\n[train step] {BACKBONE}, batch 64 at 32 px: full fine-tuning {full * 1000:.1f} ms, "
         f"frozen backbone {frozen * 1000:.1f} ms -> {frozen / full:.2f}x (target <= 0.5x, "

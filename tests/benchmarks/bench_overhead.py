@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from tests.benchmarks.spread import relative_spread
+
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 3))
@@ -93,17 +95,15 @@ def _project(tmp: Path, env: dict, name: str) -> dict:
         "+callbacks.epoch_timer._target_=tests.benchmarks.epoch_timer.EpochTimer",
         f"+callbacks.epoch_timer.path={out}",
     ]
-    start, wall, log = _timed(cmd, {**env, "PYTHONPATH": str(ROOT)}, ROOT)
+    start, wall, _ = _timed(cmd, {**env, "PYTHONPATH": str(ROOT)}, ROOT)
     rec = json.loads(out.read_text())
     run_dir = max((tmp / "outputs/train/runs").iterdir(), key=lambda p: p.stat().st_mtime)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    n = len(torch.load(tmp / "data.pt", weights_only=True)["train_y"])
     return {
         "wall": wall,
         "first": rec["first_step"] - start,
-        "rate": n / statistics.median(rec["epochs"][1:]),
+        "rate": rec["n_train"] / statistics.median(rec["epochs"][1:]),
         "acc": metrics.get("test/acc"),
-        "log": log,
     }
 
 
@@ -169,10 +169,6 @@ def _timm(tmp: Path, env: dict, name: str) -> dict:
     }
 
 
-def _spread(values: list[float]) -> float:
-    return (max(values) - min(values)) / statistics.median(values)
-
-
 def _summarise(setting: str, res: dict, variants: list[str]) -> list[str]:
     """Print one thread setting's table and ratios; the goals it misses."""
     runs = {v: res[(setting, v)] for v in variants}
@@ -189,14 +185,14 @@ def _summarise(setting: str, res: dict, variants: list[str]) -> list[str]:
     first = [p["first"] - b["first"] for p, b in pairs]
     w, st, fs = (statistics.median(x) for x in (whole, step, first))
     print(
-        f"project/bare: whole {w:.2f}x (goal {WHOLE}, spread {_spread(whole):.2f}); per image "
-        f"{st:.2f}x (goal {STEP}, spread {_spread(step):.2f}); first step +{fs:.1f} s "
+        f"project/bare: whole {w:.2f}x (goal {WHOLE}, spread {relative_spread(whole):.2f}); per image "
+        f"{st:.2f}x (goal {STEP}, spread {relative_spread(step):.2f}); first step +{fs:.1f} s "
         f"(goal +{FIRST_STEP_S})"
     )
     failures = []
-    if w > WHOLE * (1 + _spread(whole)):
+    if w > WHOLE * (1 + relative_spread(whole)):
         failures.append(f"{setting}: whole process {w:.2f}x > {WHOLE}x")
-    if st > STEP * (1 + _spread(step)):
+    if st > STEP * (1 + relative_spread(step)):
         failures.append(f"{setting}: per image {st:.2f}x > {STEP}x")
     if fs > FIRST_STEP_S + max(first) - min(first):
         failures.append(f"{setting}: first step +{fs:.1f} s > +{FIRST_STEP_S} s")
