@@ -7,7 +7,8 @@ epoch; AdamW, lr 0.002, weight decay 0.05 on weights only; linear warm-up over 1
 then cosine to 1 %; dropout 0.1 before the head), validates every epoch, keeps the best weights,
 saves them, and tests them once. No framework: plain tensors prepared by the benchmark from the
 project's own data module (the same split, the same pixels). Writes the wall-clock time of the
-first training step, each epoch's training time and the accuracies.
+first training step, each epoch's training time, the accuracies, and the same phases as the
+project's ``epoch_timer.py`` (validation, the best weights kept and saved, test).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def main(data_path: str, out_path: str, epochs: int = 5, batch: int = 64) -> Non
     optimizer = _optimizer(model, lr=0.002, weight_decay=0.05)
     steps = epochs * math.ceil(len(x) / batch)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps))
-    record = {"first_step": None, "epochs": [], "val_acc": [], "n_train": len(x)}
+    record = {"first_step": None, "epochs": [], "val_acc": [], "n_train": len(x), "sanity": 0.0}
+    record["val"] = record["checkpoints"] = 0.0
     best, best_acc = None, -1.0
     for _ in range(epochs):
         start = time.perf_counter()
@@ -77,13 +79,21 @@ def main(data_path: str, out_path: str, epochs: int = 5, batch: int = 64) -> Non
             optimizer.step()
             schedule.step()
         record["epochs"].append(time.perf_counter() - start)
+        mark = time.perf_counter()
         acc = _accuracy(model, data["val_x"], data["val_y"])
         record["val_acc"].append(acc)
+        record["val"] += time.perf_counter() - mark
+        mark = time.perf_counter()
         if acc > best_acc:
             best, best_acc = copy.deepcopy(model.state_dict()), acc
+        record["checkpoints"] += time.perf_counter() - mark
+    mark = time.perf_counter()
     torch.save(best, out_path + ".best.pt")
+    record["checkpoints"] += time.perf_counter() - mark
+    record["fit_end"] = record["test_start"] = time.time()
     model.load_state_dict(best)
     record["test_acc"] = _accuracy(model, data["test_x"], data["test_y"])
+    record["test_end"] = record["exit"] = time.time()
     with open(out_path, "w") as f:
         json.dump(record, f)
 

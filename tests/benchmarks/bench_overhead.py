@@ -10,7 +10,8 @@ pixels (timm: the same images as PNG folders, ``--no-aug``). Rounds interleave t
 one math thread and at the default; each figure is the median over rounds, with its spread
 (max - min over the median). Goals (a goal fails only when missed by more than the spread):
 whole process <= 1.15x the bare loop; steady-state training (epochs 2-5) <= 1.05x per image;
-first training step <= the bare loop's + 2 s. Also prints where the project's extra time goes.
+first training step <= the bare loop's + 2 s. Also prints where the project's extra time goes,
+phase by phase (``phases``).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def _bare(tmp: Path, env: dict, name: str) -> dict:
         "first": rec["first_step"] - start,
         "rate": n / statistics.median(rec["epochs"][1:]),
         "acc": rec["test_acc"],
+        "phases": phases(rec, start, wall),
     }
 
 
@@ -104,6 +106,7 @@ def _project(tmp: Path, env: dict, name: str) -> dict:
         "first": rec["first_step"] - start,
         "rate": rec["n_train"] / statistics.median(rec["epochs"][1:]),
         "acc": metrics.get("test/acc"),
+        "phases": phases(rec, start, wall),
     }
 
 
@@ -169,6 +172,53 @@ def _timm(tmp: Path, env: dict, name: str) -> dict:
     }
 
 
+PHASES = (
+    "start-up",
+    "sanity check",
+    "training",
+    "validation",
+    "checkpoints",
+    "rest of fit",
+    "test",
+    "after test",
+    "exit",
+)
+
+
+def phases(rec: dict, start: float, wall: float) -> dict[str, float]:
+    """Where a run's wall time goes, from the timestamps of ``epoch_timer.py`` / ``bare_loop.py``:
+    start-up (imports, config, data, model: up to the first training step, less the sanity
+    check), training (the epochs' batches), validation, checkpoints (the best weights kept and
+    written; the project also writes ``last.ckpt``), the rest of fit (loader start, epoch ends,
+    logging), test (restoring the best weights included), after test (the run's files:
+    predictions, validation predictions, calibration) and exit (interpreter shutdown)."""
+    train, val, ckpt = sum(rec["epochs"]), rec["val"], rec["checkpoints"]
+    out = {
+        "start-up": rec["first_step"] - start - rec["sanity"],
+        "sanity check": rec["sanity"],
+        "training": train,
+        "validation": val,
+        "checkpoints": ckpt,
+        "rest of fit": rec["fit_end"] - rec["first_step"] - train - val - ckpt,
+        "test": rec["test_end"] - rec["fit_end"],
+        "after test": rec["exit"] - rec["test_end"],
+        "exit": start + wall - rec["exit"],
+    }
+    return out
+
+
+def _breakdown(runs: dict[str, list[dict]]) -> None:
+    """Median seconds per phase for each variant, and the project's extra over the bare loop."""
+    if not all("phases" in rs[0] for rs in runs.values()):
+        return
+    names = [v for v in runs if "phases" in runs[v][0]]
+    print(f"{'phase, s':>14} " + " ".join(f"{v:>9}" for v in names) + f" {'extra':>7}")
+    for ph in PHASES:
+        med = {v: statistics.median(r["phases"][ph] for r in runs[v]) for v in names}
+        extra = med["project"] - med["bare"]
+        print(f"{ph:>14} " + " ".join(f"{med[v]:9.2f}" for v in names) + f" {extra:+7.2f}")
+
+
 def _summarise(setting: str, res: dict, variants: list[str]) -> list[str]:
     """Print one thread setting's table and ratios; the goals it misses."""
     runs = {v: res[(setting, v)] for v in variants}
@@ -179,6 +229,7 @@ def _summarise(setting: str, res: dict, variants: list[str]) -> list[str]:
         print(
             f"{v:>10} {med['rate']:12.0f} {med['wall']:8.1f} {med['first']:11.1f} {med['acc']:9.4f}"
         )
+    _breakdown({v: rs for v, rs in runs.items() if v in ("bare", "project")})
     pairs = list(zip(runs["project"], runs["bare"], strict=True))
     whole = [p["wall"] / b["wall"] for p, b in pairs]
     step = [b["rate"] / p["rate"] for p, b in pairs]
