@@ -393,3 +393,32 @@ def test_eval_photos_are_decoded_only_as_large_as_their_views_need(tmp_path):
     x_draft = dm.datasets["test"][0][0]
     x_full = off.datasets["test"][0][0]
     assert (x_draft - x_full).abs().mean() < 0.15  # normalised by ImageNet std: ~0.03 of [0, 1]
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (3, 40, 32), (3, 17, 50), (1, 32, 32)])
+@pytest.mark.parametrize("size, crop_pct", [(32, 1.0), (32, 0.875), (24, 1.0)])
+def test_plain_steps_give_torchvisions_pipeline_bit_for_bit(shape, size, crop_pct):
+    """The eval pipeline's plain calls (resize + crop skipped when already sized, to float,
+    normalise) equal torchvision's Resize/CenterCrop/ToDtype/Normalize exactly, image sized or not."""
+    import math
+
+    from torchvision.transforms import v2
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    gen = torch.Generator().manual_seed(sum(shape) + size)
+    img = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    reference = v2.Compose(
+        [
+            v2.Resize(math.floor(size / crop_pct), v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+    ours = build_eval_transform(
+        image_size=size, mean=mean, std=std, interpolation="bicubic", crop_pct=crop_pct
+    )
+    expected = reference(img.expand(3, -1, -1) if shape[0] == 1 else img)
+    assert torch.equal(ours(img), expected)
+    photo = Image.fromarray(img.expand(3, -1, -1).permute(1, 2, 0).numpy())
+    assert torch.equal(ours(photo), reference(v2.functional.pil_to_tensor(photo)))
