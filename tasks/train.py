@@ -149,7 +149,12 @@ def _trainer(cfg: DictConfig, datamodule, seed: int, *, extra: list, model=None)
     callbacks += [contract, *(c for c in extra if c is not None)]
     if not loggers:
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    extra_kwargs = {}
+    if cfg.trainer.get("plugins") is None:  # checkpoints written in one pass, atomically
+        from lightning_modules.checkpoint_io import FileCheckpointIO
+
+        extra_kwargs["plugins"] = [FileCheckpointIO()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra_kwargs)
     for logger in loggers:
         logger.log_hyperparams(loggable_config(cfg))
     return trainer
