@@ -17,6 +17,7 @@ sweep goes on). Only Hydra and OmegaConf are imported at start-up.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -74,3 +75,7 @@ if __name__ == "__main__":
         print(f"Error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     main()
+    # The interpreter's last collections walk every object that torch, Lightning and timm made
+    # (~0.7 s here): nothing is left to collect that matters at exit, so they are skipped.
+    # atexit handlers (loggers, workers) still run.
+    gc.freeze()

@@ -243,10 +243,12 @@ def test_optuna_takes_a_search_range_from_the_command_line_as_documented(tmp_pat
 
 @pytest.mark.slow
 def test_joblib_jobs_use_loader_workers_as_documented(tmp_path):
-    """`python run.py -m hydra/launcher=joblib hydra.launcher.n_jobs=3 seed=1,2,3` with the default
-    data settings (loader worker processes inside joblib's own worker processes)."""
+    """`python run.py -m hydra/launcher=joblib hydra.launcher.n_jobs=3 seed=1,2,3` with loader
+    worker processes (a folder source's default) inside joblib's own worker processes."""
     sweep = tmp_path / "sweep"
-    with_workers = [o for o in TINY if not o.startswith("data.num_workers")]
+    with_workers = [o for o in TINY if not o.startswith("data.num_workers")] + [
+        "data.num_workers=1"
+    ]
     proc = run_cli(
         "-m",
         "hydra/launcher=joblib",
@@ -260,7 +262,7 @@ def test_joblib_jobs_use_loader_workers_as_documented(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job in ("0", "1"):
         config = yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())
-        assert config["data"]["num_workers"] >= 1  # the default, not the tests' in-process loading
+        assert config["data"]["num_workers"] == 1  # not the tests' in-process loading
         assert read_metrics(sweep / job)["test/acc"] > 0
 
 
