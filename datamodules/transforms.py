@@ -268,8 +268,8 @@ class ResizeCenterCrop:
             return img
         return self.steps(img)
 
-    def __repr__(self) -> str:
-        return f"ResizeCenterCrop(resize={self.resize}, crop={self.size})"
+    def __repr__(self) -> str:  # names the interpolation: the feature cache keys on it
+        return f"ResizeCenterCrop({self.steps!r})"
 
 
 class ToFloat:
@@ -281,7 +281,7 @@ class ToFloat:
 
         if img.dtype == torch.float32:
             return img
-        if img.is_floating_point():
+        if img.is_floating_point() or img.dtype == torch.bool:  # bool: 1 is the maximum
             return img.to(torch.float32)
         return img.to(torch.float32).mul_(1.0 / torch.iinfo(img.dtype).max)
 

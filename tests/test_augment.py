@@ -422,3 +422,12 @@ def test_plain_steps_give_torchvisions_pipeline_bit_for_bit(shape, size, crop_pc
     assert torch.equal(ours(img), expected)
     photo = Image.fromarray(img.expand(3, -1, -1).permute(1, 2, 0).numpy())
     assert torch.equal(ours(photo), reference(v2.functional.pil_to_tensor(photo)))
+
+
+def test_eval_transforms_differ_in_their_text_when_their_interpolation_does():
+    """The frozen-feature cache keys on the eval transform's text: bilinear and bicubic must not
+    share cached features."""
+    common = {"image_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.875}
+    bilinear = build_eval_transform(interpolation="bilinear", **common)
+    bicubic = build_eval_transform(interpolation="bicubic", **common)
+    assert repr(bilinear) != repr(bicubic)

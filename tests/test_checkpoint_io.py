@@ -21,15 +21,23 @@ def test_a_checkpoint_round_trips_and_leaves_no_temporary_file(tmp_path):
     assert torch.load(path, weights_only=True)["state_dict"]["w"][0, 0] == 2.5
 
 
-def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path):
-    """A save that dies half-way (here: an object that cannot be pickled, after the tensors)
-    leaves the earlier file intact and no temporary file behind."""
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A save that dies half-way through writing its file (here: torch.save writes some bytes,
+    then fails, as a full disk would) leaves the earlier file intact and no temporary file."""
     path = tmp_path / "last.ckpt"
     io = FileCheckpointIO()
     io.save_checkpoint(_checkpoint(1.0), path)
-    broken = {**_checkpoint(9.0), "callback": lambda: None}
-    with pytest.raises(Exception):  # noqa: B017 - pickling's own error type
-        io.save_checkpoint(broken, path)
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="No space"):
+        io.save_checkpoint(_checkpoint(9.0), path)
+    monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(path, weights_only=True)["state_dict"]["w"][0, 0] == 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
