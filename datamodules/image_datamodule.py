@@ -156,7 +156,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.mirror_invariant = bool(mirror_invariant)
         self.augment = dict(augment or {})
         self.seed = int(seed)  # the training seed: data order and augmentation
-        self.draft_decode = bool(draft_decode)  # JPEGs of eval splits decoded at a reduced scale
+        self.draft_decode = bool(draft_decode)  # JPEGs decoded at a reduced scale when enough
         self.augment_options = augment_options(self.augment)
         self.color_pca: ColorPCA | None = None  # set in setup() when PCA jitter is on
         self.batch_augment: BatchPCAJitter | None = None  # the on-device part, training only
@@ -278,7 +278,9 @@ class ImageDataModule(pl.LightningDataModule):
                 targets[split],
                 tf,
                 seed=self.seed,
-                min_short_side=None if split == "train" else self.decode_short_side(),
+                min_short_side=(
+                    self.train_decode_short_side() if split == "train" else self.decode_short_side()
+                ),
             )
             self._ids[split] = [pool.ids[i] for i in indices[split]]
 
@@ -452,6 +454,26 @@ class ImageDataModule(pl.LightningDataModule):
             return None
         crop = min(self.eval_crop_pct, crop_pct or 1.0)
         return math.ceil(DECODE_MARGIN * self.image_size * max(1.0, scale) / crop)
+
+    def train_decode_short_side(self) -> int | None:
+        """The short side a training image file must keep when decoded, so that the random crop
+        still spans ``image_size`` pixels (× :data:`DECODE_MARGIN`) at worst: for a random
+        resized crop, the smallest area at the most elongated ratio, of a square image (a longer
+        image only has more pixels), needs ``image_size * sqrt(max(ratio, 1/ratio) / min
+        scale)``; for ResNet's scale jitter, the largest short side; with neither, the eval
+        resize. A 4032x3024 photo for 224-px ``augment=light`` crops (scale >= 0.5) decodes at
+        1/4 scale. None when ``draft_decode`` is off."""
+        if not self.draft_decode:
+            return None
+        o = self.augment_options
+        if rrc := o["random_resized_crop"]:
+            elongation = max(rrc["ratio"][1], 1 / rrc["ratio"][0])
+            need = self.image_size * math.sqrt(elongation / rrc["scale"][0])
+        elif sj := o["scale_jitter"]:
+            need = max(self.image_size, round(sj[1] * self.image_size))
+        else:
+            return self.decode_short_side()
+        return math.ceil(DECODE_MARGIN * need)
 
     def views_dataloader(self, split: str, tta, *, rows: Sequence[int] | None = None) -> DataLoader:
         """``split`` (in order) with ``tta``'s views of every image: batches of

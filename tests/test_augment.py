@@ -360,7 +360,8 @@ def _photo(path, size=(2016, 1512)):
 
 def test_eval_photos_are_decoded_only_as_large_as_their_views_need(tmp_path):
     """A JPEG for a 224-px eval view decodes at a reduced DCT scale: the same picture within a
-    small tolerance, at a fraction of the pixels; the training split decodes whole."""
+    small tolerance, at a fraction of the pixels; without augmentation the training split
+    decodes as the eval splits do."""
     from datamodules.sources.folder import load_rgb
     from datamodules.transforms import build_eval_transform
 
@@ -383,13 +384,14 @@ def test_eval_photos_are_decoded_only_as_large_as_their_views_need(tmp_path):
         source=ImageFolderSource(root=str(tmp_path / "data")), image_size=64, eval_crop_pct=0.875
     )
     dm.setup()
-    assert dm.datasets["train"].min_short_side is None
     assert dm.datasets["val"].min_short_side == dm.decode_short_side() == 92  # 1.25 x 64 / 0.875
+    assert dm.datasets["train"].min_short_side == 92  # augment=none: the eval resize
     off = ImageDataModule(
         source=ImageFolderSource(root=str(tmp_path / "data")), image_size=64, draft_decode=False
     )
     off.setup()
     assert off.datasets["val"].min_short_side is None
+    assert off.datasets["train"].min_short_side is None
     x_draft = dm.datasets["test"][0][0]
     x_full = off.datasets["test"][0][0]
     assert (x_draft - x_full).abs().mean() < 0.15  # normalised by ImageNet std: ~0.03 of [0, 1]
@@ -431,3 +433,41 @@ def test_eval_transforms_differ_in_their_text_when_their_interpolation_does():
     bilinear = build_eval_transform(interpolation="bilinear", **common)
     bicubic = build_eval_transform(interpolation="bicubic", **common)
     assert repr(bilinear) != repr(bicubic)
+
+
+@pytest.mark.parametrize("name", ["light", "strong", "resnet"])
+def test_training_photos_decode_large_enough_for_every_random_crop(tmp_path, name):
+    """A training JPEG decodes at a reduced scale only while every crop the preset can draw still
+    spans image_size pixels (x the decode margin) across: random resized crops drawn by
+    torchvision's own sampling on an image of exactly the required short side, square (the worst
+    case) and 4:3, never come out smaller; scale jitter never resizes the short side past it."""
+    import math
+
+    from torchvision.transforms import v2
+
+    from datamodules.image_datamodule import DECODE_MARGIN
+    from datamodules.sources import ImageFolderSource
+
+    dm = ImageDataModule(
+        source=ImageFolderSource(root=str(tmp_path)), image_size=224, augment=preset(tmp_path, name)
+    )
+    need = dm.train_decode_short_side()
+    o = dm.augment_options
+    if sj := o["scale_jitter"]:
+        assert need == math.ceil(DECODE_MARGIN * round(sj[1] * 224))  # the largest short side
+        return
+    rrc, smallest = o["random_resized_crop"], float("inf")
+    torch.manual_seed(0)
+    for w, h in ((need, need), (need * 4 // 3, need)):
+        img = torch.zeros(3, h, w, dtype=torch.uint8)
+        for _ in range(3000):
+            _, _, ch, cw = v2.RandomResizedCrop.get_params(img, rrc["scale"], rrc["ratio"])
+            smallest = min(smallest, ch, cw)
+    assert smallest >= 224 * DECODE_MARGIN * 0.98  # 0.98: the draws' integer rounding
+    assert smallest <= 224 * DECODE_MARGIN * 1.1  # and not much more: the bound is tight
+    if name == "light":  # scale >= 0.5, ratio 3/4-4/3: 1.25 x 224 x sqrt(1.3333 / 0.5)
+        from datamodules.sources.folder import load_rgb
+
+        assert need == 458
+        photo = _photo(tmp_path / "phone.jpg", size=(4032, 3024))
+        assert load_rgb(photo, min_short_side=need).size == (1008, 756)  # decoded at 1/4 scale
