@@ -81,7 +81,9 @@ def find_lr(cfg: DictConfig, datamodule):
         "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
     )
     model.to(device)
-    optimizer = model.optimizer_factory(params=model.param_groups())
+    from lightning_modules.optimization import build_optimizer
+
+    optimizer = build_optimizer(model.optimizer_factory, model.param_groups())
     smoothing = float(model.hparams.label_smoothing)
 
     def loss_of(batch):

@@ -1,0 +1,67 @@
+"""The optimizer: one fused kernel where torch has one, the same update as torch's loop."""
+
+import functools
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lightning_modules.optimization import build_optimizer
+
+
+def _groups():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.ndim <= 1]
+    return net, [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lr": 0.0005}]
+
+
+def _adamw(**kw):
+    return functools.partial(torch.optim.AdamW, lr=0.002, weight_decay=0.05, **kw)
+
+
+def test_fused_when_the_config_leaves_it_open_and_the_update_matches_the_loop():
+    _, groups = _groups()
+    fused = build_optimizer(_adamw(fused=None), groups)
+    assert fused.defaults["fused"] is True
+    net, groups = _groups()
+    looped = build_optimizer(_adamw(fused=False), groups)
+    assert not looped.defaults["fused"]
+    nets = [_groups()[0] for _ in range(2)]  # the same initial weights twice
+    opts = [
+        build_optimizer(_adamw(fused=f), [{"params": list(n.parameters())}])
+        for n, f in zip(nets, (None, False), strict=True)
+    ]
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    for _ in range(20):
+        for n, o in zip(nets, opts, strict=True):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(n(x), y).backward()
+            o.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # same update, other rounding
+
+
+@pytest.mark.parametrize(
+    "factory, trainer, expected",
+    [
+        (_adamw(fused=False), None, False),  # the config decided
+        (functools.partial(torch.optim.SGD, lr=0.1), None, None),  # no such option: untouched
+        (_adamw(fused=None), SimpleNamespace(precision="16-mixed", gradient_clip_val=1.0), None),
+        (_adamw(fused=None), SimpleNamespace(precision="16-mixed", gradient_clip_val=None), True),
+    ],
+)
+def test_fused_only_where_it_works(factory, trainer, expected):
+    """fp16 with gradient clipping cannot unscale before a fused step: torch's loop there."""
+    _, groups = _groups()
+    opt = build_optimizer(factory, groups, trainer=trainer)
+    assert opt.defaults.get("fused") == expected
+
+
+def test_a_training_run_steps_with_the_fused_kernel(cfg_factory):
+    from tasks.train import train
+
+    cfg = cfg_factory("trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "tta=none")
+    _, objects = train(cfg)
+    assert objects["trainer"].optimizers[0].defaults["fused"] is True
