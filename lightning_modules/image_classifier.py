@@ -34,6 +34,9 @@ class ImageClassifier(pl.LightningModule):
         backbone_kwargs: extra arguments for ``timm.create_model``.
         optimizer: partial optimizer, called with the parameter groups.
         scheduler: partial LR schedule, called with the optimizer and ``total_steps``.
+        channels_last: keep the network and its inputs in the NHWC memory layout (faster
+            convolutions with bf16/fp16 on tensor-core GPUs; a speed option, not stored in
+            checkpoints).
     """
 
     def __init__(
@@ -49,8 +52,10 @@ class ImageClassifier(pl.LightningModule):
         backbone_kwargs: dict | None = None,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        self.channels_last = bool(channels_last)
         # plain python types only: checkpoints must load with torch.load(weights_only=True)
         self.save_hyperparameters(
             {
@@ -88,10 +93,16 @@ class ImageClassifier(pl.LightningModule):
         self._test_chunks: list[tuple[torch.Tensor, ...]] = []
 
     # ------------------------------------------------------------------ forward
+    def setup(self, stage: str) -> None:
+        if self.channels_last:  # in place: the optimizer, made after this, sees the same tensors
+            self.net.to(memory_format=torch.channels_last)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 2:  # cached pre-logit features (datamodules.feature_cache)
             x = F.dropout(x, p=self.hparams.drop_rate, training=self.training)
             return self.net.get_classifier()(x)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
     # ------------------------------------------------------------------ train

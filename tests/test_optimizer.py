@@ -1,4 +1,5 @@
-"""The optimizer: one fused kernel where torch has one, the same update as torch's loop."""
+"""The optimizer and the memory layout: fused kernels where torch has them, NHWC on request; the
+same results as the plain path, to rounding."""
 
 import functools
 from types import SimpleNamespace
@@ -65,3 +66,18 @@ def test_a_training_run_steps_with_the_fused_kernel(cfg_factory):
     cfg = cfg_factory("trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "tta=none")
     _, objects = train(cfg)
     assert objects["trainer"].optimizers[0].defaults["fused"] is True
+
+
+def test_channels_last_keeps_the_network_and_its_inputs_nhwc_with_the_same_outputs():
+    from lightning_modules import ImageClassifier
+
+    torch.manual_seed(0)
+    plain = ImageClassifier(backbone="test_resnet", num_classes=3).eval()
+    nhwc = ImageClassifier(backbone="test_resnet", num_classes=3, channels_last=True).eval()
+    nhwc.load_state_dict(plain.state_dict())
+    nhwc.setup("fit")
+    convs = [m.weight for m in nhwc.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc(x), plain(x), rtol=1e-4, atol=1e-5)

@@ -144,3 +144,47 @@ def test_draft_decoding_of_eval_photos(tmp_path, kind):
         for what, r in (("eval", ratio), ("train", train_ratio)):
             tolerance = spread[(False, what)] / med[(False, what)]
             assert r >= 0.9 - tolerance
+
+
+PRESETS = ("none", "light", "resnet", "strong")
+
+
+@pytest.mark.parametrize("kind", list(SIZES))
+def test_training_presets_per_worker(tmp_path, kind):
+    """Figures only (no target): images/s per worker (one process, one thread) of each
+    ``augment`` preset's per-image training pipeline at 224 px, with draft decoding (the default),
+    and of the eval pipeline; and how many workers keep 1,000 images/s fed. PCA colour jitter is
+    left out: it runs on the batch, on the device (``augment.pca.where=device``)."""
+    from omegaconf import OmegaConf
+
+    from datamodules import ImageDataModule
+    from datamodules.sources import ImageFolderSource
+    from tests.conftest import compose_cfg
+
+    torch.set_num_threads(1)
+    size, count = SIZES[kind]
+    root = _photos(tmp_path / kind, size, count)
+    items = {}
+    for name in PRESETS:
+        cfg = compose_cfg(tmp_path / name, [f"augment={name}", "augment.pca.sigma=0"])
+        dm = ImageDataModule(
+            source=ImageFolderSource(root=str(root)),
+            image_size=224,
+            eval_crop_pct=0.875,
+            val_fraction=0.1,
+            test_fraction=0.8,
+            augment=OmegaConf.to_container(cfg.augment, resolve=True),
+        )
+        dm.setup()
+        items[name] = _train_items(dm)
+    items["eval"] = dm.datasets["test"]
+    rates = {name: [] for name in items}
+    for r in range(REPEATS):  # interleaved
+        for name, ds in items.items():
+            rates[name].append(_rate(ds, epoch=None if name == "eval" else r))
+    print(f"\n{kind} ({size[0]}x{size[1]}), 224 px, draft decoding, per worker:")
+    print(f"  {'pipeline':>15} {'img/s':>8} {'spread':>7} {'workers for 1,000 img/s':>24}")
+    for name, rs in rates.items():
+        med = statistics.median(rs)
+        label = name if name == "eval" else f"augment={name}"
+        print(f"  {label:>15} {med:8.1f} {(max(rs) - min(rs)) / med:7.2f} {1000 / med:24.1f}")
