@@ -60,13 +60,16 @@ class SplitDataset(Dataset):
     ) -> None:
         self.pool, self.indices, self.targets, self.transform = pool, indices, targets, transform
         self.seed = seed
-        # eval splits: image files are decoded only as large as their views need (JPEG draft)
+        # image files are decoded only as large as what is cut from them needs (JPEG draft)
         self.min_short_side = min_short_side if getattr(pool.load, "sized", False) else None
+        self.cache: list | None = None  # data.cache: the decoded images, by row (image_cache.py)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def _load(self, row: int):
+        if self.cache is not None:
+            return self.cache[row]
         index = int(self.indices[row])
         if self.min_short_side:
             return self.pool.load(index, min_short_side=self.min_short_side)
@@ -133,6 +136,7 @@ class ImageDataModule(pl.LightningDataModule):
         augment: Mapping | None = None,
         seed: int = 0,
         draft_decode: bool = True,
+        cache: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -157,6 +161,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.augment = dict(augment or {})
         self.seed = int(seed)  # the training seed: data order and augmentation
         self.draft_decode = bool(draft_decode)  # JPEGs decoded at a reduced scale when enough
+        self.cache = bool(cache)  # image files decoded once, at setup, and kept (image_cache.py)
         self.augment_options = augment_options(self.augment)
         self.color_pca: ColorPCA | None = None  # set in setup() when PCA jitter is on
         self.batch_augment: BatchPCAJitter | None = None  # the on-device part, training only
@@ -200,6 +205,10 @@ class ImageDataModule(pl.LightningDataModule):
         self.class_names = names
         self._setup_color_pca(pools["train"], indices["train"])
         self._make_datasets(pools, indices, targets)
+        if self.cache:
+            from datamodules.image_cache import cache_splits
+
+            cache_splits(self)
         sizes = ", ".join(f"{s} {len(d)}" for s, d in self.datasets.items())
         log.info("Data: %d classes; %s images (split_seed=%d)", len(names), sizes, self.split_seed)
         log.info("Input: %s", self.data_config.describe())
@@ -446,25 +455,27 @@ class ImageDataModule(pl.LightningDataModule):
             drop_last=drop_last,
         )
 
-    def decode_short_side(self, *, crop_pct: float | None = None, scale: float = 1.0) -> int | None:
-        """The short side an eval image file must keep when decoded: what its resize needs
-        (``image_size / crop_pct``, the data's eval crop or a TTA's, × a TTA ``scale``), with
-        :data:`DECODE_MARGIN` to spare; None when ``draft_decode`` is off."""
-        if not self.draft_decode:
-            return None
+    def eval_short_side(self, *, crop_pct: float | None = None, scale: float = 1.0) -> int:
+        """The short side an eval image must keep: what its resize needs (``image_size /
+        crop_pct``, the data's eval crop or a TTA's, × a TTA ``scale``), with
+        :data:`DECODE_MARGIN` to spare."""
         crop = min(self.eval_crop_pct, crop_pct or 1.0)
         return math.ceil(DECODE_MARGIN * self.image_size * max(1.0, scale) / crop)
 
-    def train_decode_short_side(self) -> int | None:
-        """The short side a training image file must keep when decoded, so that the random crop
-        still spans ``image_size`` pixels (× :data:`DECODE_MARGIN`) at worst: for a random
-        resized crop, the smallest area at the most elongated ratio, of a square image (a longer
-        image only has more pixels), needs ``image_size * sqrt(max(ratio, 1/ratio) / min
-        scale)``; for ResNet's scale jitter, the largest short side; with neither, the eval
-        resize. A 4032x3024 photo for 224-px ``augment=light`` crops (scale >= 0.5) decodes at
-        1/4 scale. None when ``draft_decode`` is off."""
+    def decode_short_side(self, *, crop_pct: float | None = None, scale: float = 1.0) -> int | None:
+        """:meth:`eval_short_side` when eval JPEGs may be decoded at a reduced scale
+        (``draft_decode``), else None."""
         if not self.draft_decode:
             return None
+        return self.eval_short_side(crop_pct=crop_pct, scale=scale)
+
+    def train_short_side(self) -> int:
+        """The short side a training image must keep so that the random crop still spans
+        ``image_size`` pixels (× :data:`DECODE_MARGIN`) at worst: for a random resized crop, the
+        smallest area at the most elongated ratio, of a square image (a longer image only has
+        more pixels), needs ``image_size * sqrt(max(ratio, 1/ratio) / min scale)``; for ResNet's
+        scale jitter, the largest short side; with neither, the eval resize. A 4032x3024 photo
+        for 224-px ``augment=light`` crops (scale >= 0.5) decodes at 1/4 scale."""
         o = self.augment_options
         if rrc := o["random_resized_crop"]:
             elongation = max(rrc["ratio"][1], 1 / rrc["ratio"][0])
@@ -472,8 +483,13 @@ class ImageDataModule(pl.LightningDataModule):
         elif sj := o["scale_jitter"]:
             need = max(self.image_size, round(sj[1] * self.image_size))
         else:
-            return self.decode_short_side()
+            return self.eval_short_side()
         return math.ceil(DECODE_MARGIN * need)
+
+    def train_decode_short_side(self) -> int | None:
+        """:meth:`train_short_side` when training JPEGs may be decoded at a reduced scale
+        (``draft_decode``), else None."""
+        return self.train_short_side() if self.draft_decode else None
 
     def views_dataloader(self, split: str, tta, *, rows: Sequence[int] | None = None) -> DataLoader:
         """``split`` (in order) with ``tta``'s views of every image: batches of

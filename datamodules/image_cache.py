@@ -1,0 +1,114 @@
+"""``data.cache=true``: every image file decoded once, kept in memory, never decoded again.
+
+At setup, each split's images are decoded (JPEG draft decoding included), brought to RGB and
+shrunk so that their short side is what the split needs and no more (the training crops' need,
+``ImageDataModule.train_short_side``; the eval resize's, ``eval_short_side``), and kept as uint8
+tensors. The pass runs in the data module's loader workers; later loader
+workers (forked) share the tensors. Every epoch after that starts from decoded pixels: the
+transforms, their seeding and the order of the data are unchanged. The images are shrunk with
+the data's interpolation and antialiasing, so what a crop sees differs from decoding the file
+whole by resampling only.
+
+A cache that would take more than half the memory free at setup is refused with the figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# the cache may take at most this share of the memory available when it is filled
+MEMORY_SHARE = 0.5
+# images decoded before the cache's total size is projected and checked
+PROBE_IMAGES = 32
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux ``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class _Decoded(Dataset):
+    """Row ``i`` of a split, decoded as that split decodes it, as a uint8 (3, H, W) tensor whose
+    short side is at most ``short_side``."""
+
+    def __init__(self, split, short_side: int, interpolation) -> None:
+        self.split, self.short_side, self.interpolation = split, int(short_side), interpolation
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, row: int) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        from datamodules.transforms import ToRGB
+
+        image = ToRGB()(self.split._load(row))
+        if not isinstance(image, torch.Tensor):
+            image = TF.pil_to_tensor(image)
+        if min(image.shape[-2:]) > self.short_side:
+            image = TF.resize(image, self.short_side, self.interpolation, antialias=True)
+        return image.contiguous()
+
+
+def fill_cache(split, *, short_side: int, interpolation, num_workers: int, name: str) -> list:
+    """Every image of ``split`` decoded and shrunk (see the module), in row order.
+
+    Raises UserError, before keeping much, when the whole split would take more than
+    :data:`MEMORY_SHARE` of the memory available now.
+    """
+    loader = DataLoader(
+        _Decoded(split, short_side, interpolation), batch_size=None, num_workers=num_workers
+    )
+    limit = available_memory()
+    images, total = [], 0
+    for image in loader:
+        images.append(image)
+        total += image.numel()
+        if limit is not None and len(images) in (PROBE_IMAGES, len(split)):
+            projected = total / len(images) * len(split)
+            if projected > MEMORY_SHARE * limit:
+                raise UserError(
+                    f"data.cache=true would keep ~{projected / 2**30:.1f} GiB of decoded "
+                    f"{name} images ({len(split)} images, short side {short_side} px), more "
+                    f"than half of the {limit / 2**30:.1f} GiB of memory free: use "
+                    "data.cache=false, or a smaller data.image_size."
+                )
+    return images
+
+
+def cache_splits(datamodule, *, num_workers: int | None = None) -> int:
+    """Fill the cache of every split of ``datamodule`` whose images come from files; returns
+    the bytes kept (0 when no split reads files: an in-memory source has nothing to cache)."""
+    from datamodules.transforms import _interpolation
+
+    interpolation = _interpolation(datamodule.interpolation)
+    workers = datamodule.num_workers if num_workers is None else num_workers
+    kept = 0
+    for name, split in datamodule.datasets.items():
+        if not getattr(split.pool.load, "sized", False):
+            continue
+        side = datamodule.train_short_side() if name == "train" else datamodule.eval_short_side()
+        split.cache = fill_cache(
+            split, short_side=side, interpolation=interpolation, num_workers=workers, name=name
+        )
+        kept += sum(t.numel() for t in split.cache)
+    if kept:
+        log.info("data.cache: %.2f GiB of decoded images kept (pid %d)", kept / 2**30, os.getpid())
+    else:
+        log.info("data.cache=true: nothing to cache (the source's images are already in memory)")
+    return kept
