@@ -9,7 +9,8 @@ transforms, their seeding and the order of the data are unchanged. The images ar
 the data's interpolation and antialiasing, so what a crop sees differs from decoding the file
 whole by resampling only.
 
-A cache that would take more than half the memory free at setup is refused with the figures.
+A cache that would take more than half the memory free at setup (all splits together) is
+refused with the figures. Under DDP every process keeps its own copy and checks only its own.
 """
 
 from __future__ import annotations
@@ -65,29 +66,32 @@ class _Decoded(Dataset):
         return image.contiguous()
 
 
-def fill_cache(split, *, short_side: int, interpolation, num_workers: int, name: str) -> list:
+def fill_cache(
+    split, *, short_side: int, interpolation, num_workers: int, name: str, budget: float | None
+) -> list:
     """Every image of ``split`` decoded and shrunk (see the module), in row order.
 
-    Raises UserError, before keeping much, when the whole split would take more than
-    :data:`MEMORY_SHARE` of the memory available now.
+    Raises UserError when the split would take more than ``budget`` bytes: projected from the
+    first :data:`PROBE_IMAGES` images, and checked again as every image arrives.
     """
     loader = DataLoader(
         _Decoded(split, short_side, interpolation), batch_size=None, num_workers=num_workers
     )
-    limit = available_memory()
     images, total = [], 0
     for image in loader:
-        images.append(image)
+        # a copy in this process's own memory: a worker's tensor is a shared-memory file and a
+        # memory map each, of which a process may hold only ~65,000
+        images.append(image.clone() if num_workers else image)
         total += image.numel()
-        if limit is not None and len(images) in (PROBE_IMAGES, len(split)):
-            projected = total / len(images) * len(split)
-            if projected > MEMORY_SHARE * limit:
-                raise UserError(
-                    f"data.cache=true would keep ~{projected / 2**30:.1f} GiB of decoded "
-                    f"{name} images ({len(split)} images, short side {short_side} px), more "
-                    f"than half of the {limit / 2**30:.1f} GiB of memory free: use "
-                    "data.cache=false, or a smaller data.image_size."
-                )
+        n = len(images)
+        projected = total / n * len(split) if n >= min(PROBE_IMAGES, len(split)) else 0.0
+        if budget is not None and max(projected, total) > budget:
+            raise UserError(
+                f"data.cache=true would keep ~{max(projected, total) / 2**30:.1f} GiB of decoded "
+                f"{name} images ({len(split)} images, short side {short_side} px), more than "
+                f"the {budget / 2**30:.1f} GiB left of half the memory free: use "
+                "data.cache=false, or a smaller data.image_size."
+            )
     return images
 
 
@@ -98,13 +102,20 @@ def cache_splits(datamodule, *, num_workers: int | None = None) -> int:
 
     interpolation = _interpolation(datamodule.interpolation)
     workers = datamodule.num_workers if num_workers is None else num_workers
+    free = available_memory()  # once: what the splits may take together
     kept = 0
     for name, split in datamodule.datasets.items():
         if not getattr(split.pool.load, "sized", False):
             continue
         side = datamodule.train_short_side() if name == "train" else datamodule.eval_short_side()
+        budget = None if free is None else MEMORY_SHARE * free - kept
         split.cache = fill_cache(
-            split, short_side=side, interpolation=interpolation, num_workers=workers, name=name
+            split,
+            short_side=side,
+            interpolation=interpolation,
+            num_workers=workers,
+            name=name,
+            budget=budget,
         )
         kept += sum(t.numel() for t in split.cache)
     if kept:

@@ -55,7 +55,14 @@ DATA_KEYS = {
     "crop_pct": "eval_crop_pct",
 }
 # data keys that say how to load, not what: always this command's
-LOADER_KEYS = ("batch_size", "eval_batch_size", "num_workers", "pin_memory", "persistent_workers")
+LOADER_KEYS = (
+    "batch_size",
+    "eval_batch_size",
+    "num_workers",
+    "pin_memory",
+    "persistent_workers",
+    "cache",
+)
 # what must agree between the members of an ensemble (and between a model and its data)
 MEMBER_KEYS = ("class_names", "tasks", "input", "mirror_invariant")
 # what must agree between a run and the checkpoint it resumes from
@@ -266,6 +273,8 @@ def data_config_for(cfg, contract: dict | None):
         data = OmegaConf.create(contract["data"])
         with open_dict(data):
             data.augment = None  # testing never augments (and fits no colour PCA)
+            if "cache" in data:  # decoding every split into memory: only when this command asks
+                data.cache = False
             # how to load is this machine's business, what to load the checkpoint's
             for key in {*LOADER_KEYS, *explicit}:
                 value = OmegaConf.select(cfg.data, key, default="__absent__")

@@ -103,7 +103,16 @@ def build_optimizer(factory, groups: list[dict], *, trainer=None) -> torch.optim
     )
     if trainer is not None and str(trainer.precision) == "16-mixed" and trainer.gradient_clip_val:
         fused = False
-    return factory(params=groups, fused=fused or None)
+    optimizer = factory(params=groups, fused=fused or None)
+    if fused:  # a resumed state saved by the loop brings fused=False back into the groups
+        optimizer.register_load_state_dict_post_hook(_match_amp_scaling)
+    return optimizer
+
+
+def _match_amp_scaling(optimizer: torch.optim.Optimizer) -> None:
+    """After loading a state: an optimizer that no longer runs fused must not tell fp16's
+    gradient scaler that its step unscales (the scaler would then skip unscaling and fail)."""
+    optimizer._step_supports_amp_scaling = all(g.get("fused") for g in optimizer.param_groups)
 
 
 def steps_per_epoch(trainer) -> int:

@@ -71,3 +71,46 @@ def test_a_cache_larger_than_half_the_free_memory_is_refused(tmp_path, monkeypat
     monkeypatch.setattr("datamodules.image_cache.available_memory", lambda: 100_000)
     with pytest.raises(UserError, match=r"data.cache=true would keep .* data.cache=false"):
         _dm(root, cache=True)
+
+
+def test_a_worker_filled_cache_holds_ordinary_tensors_in_row_order(tmp_path):
+    """Filled by a loader worker: each image copied out of shared memory (a process may map
+    only ~65,000 shared tensors), in the split's row order."""
+    root = _folder(tmp_path / "photos")
+    by_worker, in_process = _dm(root, cache=True, num_workers=1), _dm(root, cache=True)
+    for split, ds in by_worker.datasets.items():
+        assert not any(t.is_shared() for t in ds.cache)
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(ds.cache, in_process.datasets[split].cache, strict=True)
+        )
+
+
+def test_the_memory_limit_counts_every_split_together(tmp_path, monkeypatch):
+    """Half the free memory is for all splits together: a cache whose splits each fit but whose
+    total does not is refused."""
+    from datamodules import image_cache
+
+    root = _folder(tmp_path / "photos")
+    sizes = {
+        s: sum(t.numel() for t in ds.cache) for s, ds in _dm(root, cache=True).datasets.items()
+    }
+    assert max(sizes.values()) < sum(sizes.values()) - 1
+    free = (sum(sizes.values()) - 1) / image_cache.MEMORY_SHARE
+    monkeypatch.setattr(image_cache, "available_memory", lambda: free)
+    with pytest.raises(UserError, match="data.cache=true would keep"):
+        _dm(root, cache=True)
+
+
+def test_evaluating_a_checkpoint_does_not_carry_its_cache_setting(tmp_path):
+    """A run trained with data.cache=true records it in its data contract; testing its checkpoint
+    decodes every split into memory only when that command asks for it."""
+    from omegaconf import OmegaConf
+
+    from lightning_modules.data_contract import data_config_for
+
+    contract = {"data": {"_target_": "datamodules.ImageDataModule", "cache": True}, "input": {}}
+    cfg = OmegaConf.create({"data": {"batch_size": 8}})
+    assert data_config_for(cfg, contract).cache is False
+    cfg = OmegaConf.create({"data": {"batch_size": 8, "cache": True}})
+    assert data_config_for(cfg, contract).cache is True

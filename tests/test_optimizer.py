@@ -81,3 +81,20 @@ def test_channels_last_keeps_the_network_and_its_inputs_nhwc_with_the_same_outpu
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(nhwc(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_fused_optimizer_resumed_from_a_loop_state_still_steps_under_fp16_scaling():
+    """Resuming a run saved before the fused default: the loaded groups say fused=False, so the
+    optimizer must not claim to unscale its gradients itself (fp16's scaler would fail)."""
+    net, _ = _groups()
+    looped = torch.optim.AdamW(net.parameters(), lr=0.002)
+    torch.nn.functional.cross_entropy(net(torch.randn(4, 8)), torch.tensor([0, 1, 2, 0])).backward()
+    looped.step()
+    fused = build_optimizer(_adamw(fused=None), [{"params": list(net.parameters())}])
+    fused.load_state_dict(looped.state_dict())
+    scaler = torch.amp.GradScaler("cpu")
+    loss = torch.nn.functional.cross_entropy(net(torch.randn(4, 8)), torch.tensor([1, 1, 0, 2]))
+    scaler.scale(loss).backward()
+    scaler.step(fused)  # failed with "Expected grad_scale and found_inf to be None"
+    scaler.update()
+    assert not fused._step_supports_amp_scaling
