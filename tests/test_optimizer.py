@@ -98,3 +98,19 @@ def test_a_fused_optimizer_resumed_from_a_loop_state_still_steps_under_fp16_scal
     scaler.step(fused)  # failed with "Expected grad_scale and found_inf to be None"
     scaler.update()
     assert not fused._step_supports_amp_scaling
+
+
+def test_an_optimizer_without_a_fused_kernel_still_builds_from_the_config(cfg_factory):
+    """Swapping model.optimizer._target_ to an optimizer that has no ``fused`` argument keeps
+    working (the config's ``fused: null`` is not passed); asking it for one is a clear error."""
+    from hydra.utils import instantiate
+
+    from datamodules.errors import UserError
+
+    _, groups = _groups()
+    cfg = cfg_factory("model.optimizer._target_=torch.optim.RMSprop")
+    opt = build_optimizer(instantiate(cfg.model.optimizer), groups)
+    assert isinstance(opt, torch.optim.RMSprop)
+    cfg = cfg_factory("model.optimizer._target_=torch.optim.NAdam", "model.optimizer.fused=true")
+    with pytest.raises(UserError, match="NAdam has no fused kernel"):
+        build_optimizer(instantiate(cfg.model.optimizer), _groups()[1])
