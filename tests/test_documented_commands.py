@@ -110,6 +110,17 @@ def test_documented_commands_are_found_and_marks_are_justified():
     assert programs <= {"python", "make"}, f"unmarked commands the suite cannot run: {programs}"
 
 
+def test_seed_sweeps_run_two_seeds_except_the_main_job():
+    def command(*argv):
+        return Command("x.md:1", (), ("python", "run.py", *argv), None)
+
+    grid = command("-m", "augment=none,light", "seed=1,2,3", "trainer.max_epochs=6")
+    assert fewer_seeds(grid) == ["-m", "augment=none,light", "seed=1,2", "trainer.max_epochs=6"]
+    assert fewer_seeds(command(*FIRST_SWEEP[2:])) == list(FIRST_SWEEP[2:])
+    assert fewer_seeds(command("seed=3")) == ["seed=3"]  # one run: nothing to cut
+    assert fewer_seeds(command("-m", "seed=1,2")) == ["-m", "seed=1,2"]
+
+
 def test_the_parser_reads_blocks_continuations_marks_and_inline_spans(tmp_path):
     page = tmp_path / "page.md"
     page.write_text(
@@ -193,7 +204,22 @@ def _args(command: Command) -> list[str]:
     """What follows ``run.py`` (with the small-size overrides) or the module's name."""
     if _module(command):
         return list(command.argv[3:])
-    return [*command.argv[2:], *small_overrides(command)]
+    return [*fewer_seeds(command), *small_overrides(command)]
+
+
+def fewer_seeds(command: Command) -> list[str]:
+    """A multirun's ``seed=a,b,c,...`` keeps its first two seeds (an ensemble of two exercises
+    the same report), as an Optuna search keeps two trials; the README's main job keeps its three
+    (later commands name its third member)."""
+    args = list(command.argv[2:])
+    if "-m" not in args or command.argv == FIRST_SWEEP:
+        return args
+    return [
+        "seed=" + ",".join(a[5:].split(",")[:2])
+        if a.startswith("seed=") and a.count(",") >= 2 and "(" not in a
+        else a
+        for a in args
+    ]
 
 
 def _paths(arg: str) -> list[str]:
@@ -207,7 +233,7 @@ def _cost(command: Command) -> int:
     """A rough cost in seconds: jobs of a multirun (its swept values multiplied) of ~4 s each."""
     jobs = 1
     if "-m" in command.argv:
-        for a in command.argv:
+        for a in _args(command):
             value = a.split("=", 1)[-1]
             if "=" in a and "," in value and "[" not in value and "(" not in value:
                 jobs *= value.count(",") + 1
