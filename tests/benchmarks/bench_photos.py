@@ -55,18 +55,19 @@ def _photos(root: Path, size: tuple[int, int], count: int) -> Path:
     return root
 
 
-def _datamodule(root: Path, draft: bool):
+def _datamodule(root: Path, draft: bool = True, *, augment=LIGHT_CROPS, **kwargs):
+    """224-px data over the photos: most of them in the test split unless ``kwargs`` say."""
     from datamodules import ImageDataModule
     from datamodules.sources import ImageFolderSource
 
+    split = {"val_fraction": 0.1, "test_fraction": 0.8, **kwargs}
     dm = ImageDataModule(
         source=ImageFolderSource(root=str(root)),
         image_size=224,
         eval_crop_pct=0.875,
-        val_fraction=0.1,
-        test_fraction=0.8,
         draft_decode=draft,
-        augment=LIGHT_CROPS,
+        augment=augment,
+        **split,
     )
     dm.setup()
     return dm
@@ -157,8 +158,6 @@ def test_training_presets_per_worker(tmp_path, kind):
     left out: it runs on the batch, on the device (``augment.pca.where=device``)."""
     from omegaconf import OmegaConf
 
-    from datamodules import ImageDataModule
-    from datamodules.sources import ImageFolderSource
     from tests.conftest import compose_cfg
 
     torch.set_num_threads(1)
@@ -167,15 +166,7 @@ def test_training_presets_per_worker(tmp_path, kind):
     items = {}
     for name in PRESETS:
         cfg = compose_cfg(tmp_path / name, [f"augment={name}", "augment.pca.sigma=0"])
-        dm = ImageDataModule(
-            source=ImageFolderSource(root=str(root)),
-            image_size=224,
-            eval_crop_pct=0.875,
-            val_fraction=0.1,
-            test_fraction=0.8,
-            augment=OmegaConf.to_container(cfg.augment, resolve=True),
-        )
-        dm.setup()
+        dm = _datamodule(root, augment=OmegaConf.to_container(cfg.augment, resolve=True))
         items[name] = _train_items(dm)
     items["eval"] = dm.datasets["test"]
     rates = {name: [] for name in items}
@@ -195,24 +186,12 @@ def test_cache_speeds_up_later_epochs(tmp_path, kind):
     """``data.cache=true``: training items/s per worker from the cache against decoding each
     epoch (draft decoding on in both), and what filling the cache cost (one pass, one worker).
     Target: the cached epochs are not slower (within the repeats' spread)."""
-    from datamodules import ImageDataModule
-    from datamodules.sources import ImageFolderSource
-
     torch.set_num_threads(1)
     size, count = SIZES[kind]
     root = _photos(tmp_path / kind, size, count)
 
     def dm(cache: bool):
-        d = ImageDataModule(
-            source=ImageFolderSource(root=str(root)),
-            image_size=224,
-            val_fraction=0.1,
-            test_fraction=0.1,
-            augment=LIGHT_CROPS,
-            cache=cache,
-        )
-        d.setup()
-        return d
+        return _datamodule(root, test_fraction=0.1, cache=cache)
 
     start = time.perf_counter()
     cached = dm(True)
