@@ -272,6 +272,25 @@ class ResizeCenterCrop:
         return f"ResizeCenterCrop({self.steps!r})"
 
 
+class ToTensor:
+    """A PIL image or a tensor (C, H, W) as a plain uint8 tensor, the pixels untouched: what
+    torchvision's ``ToImage`` does, without its ``tv_tensors.Image`` wrapper, whose every later
+    operation pays ~10 us of dispatch (torchvision's v2 transforms take a lone plain tensor as the
+    image, with the same kernels)."""
+
+    def __call__(self, img):
+        import torch
+
+        if isinstance(img, torch.Tensor):
+            return img.as_subclass(torch.Tensor) if type(img) is not torch.Tensor else img
+        from torchvision.transforms.v2 import functional as TF
+
+        return TF.pil_to_tensor(img)
+
+    def __repr__(self) -> str:
+        return "ToTensor()"
+
+
 class ToFloat:
     """An image tensor to float32 in [0, 1]: the operations of torchvision's
     ``ToDtype(torch.float32, scale=True)`` (bit for bit), as a plain call."""
@@ -279,6 +298,8 @@ class ToFloat:
     def __call__(self, img):
         import torch
 
+        if type(img) is not torch.Tensor:  # a tv_tensors wrapper: plain ops are much cheaper
+            img = img.as_subclass(torch.Tensor)
         if img.dtype == torch.float32:
             return img
         if img.is_floating_point() or img.dtype == torch.bool:  # bool: 1 is the maximum
@@ -347,7 +368,7 @@ def build_eval_transform(
 
     steps = [
         ToRGB(),
-        v2.ToImage(),
+        ToTensor(),
         *_resize_center_crop(image_size, crop_pct, _interpolation(interpolation)),
         *_to_float(),
     ]
@@ -380,7 +401,7 @@ def build_train_transform(
     from torchvision.transforms import v2
 
     o = augment_options(augment)
-    steps: list = [ToRGB(), v2.ToImage()]
+    steps: list = [ToRGB(), ToTensor()]
     steps += _crop_steps(o, image_size, crop_pct, _interpolation(interpolation))
     steps += _flip_steps(o, mirror_invariant)
     steps += _warp_steps(o)

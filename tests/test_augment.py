@@ -471,3 +471,28 @@ def test_training_photos_decode_large_enough_for_every_random_crop(tmp_path, nam
         assert need == 458
         photo = _photo(tmp_path / "phone.jpg", size=(4032, 3024))
         assert load_rgb(photo, min_short_side=need).size == (1008, 756)  # decoded at 1/4 scale
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_training_pipelines_give_what_torchvisions_image_wrapper_gives_bit_for_bit(tmp_path, name):
+    """Each preset's per-image pipeline (PCA jitter in the worker too) on a plain tensor equals
+    the same pipeline on torchvision's ``tv_tensors.Image`` (``ToImage``), draw for draw."""
+    from torchvision.transforms import v2
+
+    from datamodules.transforms import ToTensor
+
+    options = preset(tmp_path, name)
+    if options["pca"]["sigma"]:
+        options["pca"].update(where="worker", eigen="imagenet")
+    ours = build_train_transform(image_size=48, augment=options, **PLAIN)
+    reference = v2.Compose(
+        [v2.ToImage() if isinstance(t, ToTensor) else t for t in ours.transforms]
+    )
+    photo = Image.fromarray(coordinate_image(96).permute(1, 2, 0).numpy())
+    for inp in (photo, coordinate_image(80)):
+        for seed in range(5):
+            torch.manual_seed(seed)
+            a = ours(inp)
+            torch.manual_seed(seed)
+            b = reference(inp)
+            assert torch.equal(a, b.as_subclass(torch.Tensor)), (name, seed)
