@@ -1,8 +1,8 @@
 """``data.cache=true``: every image file decoded once, kept in memory, never decoded again.
 
 At setup, each split's images are decoded (JPEG draft decoding included), brought to RGB and
-shrunk so that their short side is what the split needs and no more (the training crops' need,
-``ImageDataModule.train_short_side``; the eval resize's, ``eval_short_side``), and kept as uint8
+shrunk so that their short side is what the split needs and no more
+(``ImageDataModule.short_side``: the training crops' need, the eval resize's), and kept as uint8
 tensors. The pass runs in the data module's loader workers; later loader
 workers (forked) share the tensors. Every epoch after that starts from decoded pixels: the
 transforms, their seeding and the order of the data are unchanged. The images are shrunk with
@@ -56,11 +56,9 @@ class _Decoded(Dataset):
     def __getitem__(self, row: int) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as TF
 
-        from datamodules.transforms import ToRGB
+        from datamodules.transforms import ToRGB, ToTensor
 
-        image = ToRGB()(self.split._load(row))
-        if not isinstance(image, torch.Tensor):
-            image = TF.pil_to_tensor(image)
+        image = ToTensor()(ToRGB()(self.split._load(row)))
         if min(image.shape[-2:]) > self.short_side:
             image = TF.resize(image, self.short_side, self.interpolation, antialias=True)
         return image.contiguous()
@@ -107,7 +105,7 @@ def cache_splits(datamodule, *, num_workers: int | None = None) -> int:
     for name, split in datamodule.datasets.items():
         if not getattr(split.pool.load, "sized", False):
             continue
-        side = datamodule.train_short_side() if name == "train" else datamodule.eval_short_side()
+        side = datamodule.short_side(name)
         budget = None if free is None else MEMORY_SHARE * free - kept
         split.cache = fill_cache(
             split,

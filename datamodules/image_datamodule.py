@@ -287,9 +287,7 @@ class ImageDataModule(pl.LightningDataModule):
                 targets[split],
                 tf,
                 seed=self.seed,
-                min_short_side=(
-                    self.train_decode_short_side() if split == "train" else self.decode_short_side()
-                ),
+                min_short_side=self.short_side(split) if self.draft_decode else None,
             )
             self._ids[split] = [pool.ids[i] for i in indices[split]]
 
@@ -486,10 +484,11 @@ class ImageDataModule(pl.LightningDataModule):
             return self.eval_short_side()
         return math.ceil(DECODE_MARGIN * need)
 
-    def train_decode_short_side(self) -> int | None:
-        """:meth:`train_short_side` when training JPEGs may be decoded at a reduced scale
-        (``draft_decode``), else None."""
-        return self.train_short_side() if self.draft_decode else None
+    def short_side(self, split: str) -> int:
+        """What an image of ``split`` must keep of its short side: the training crops' need
+        (:meth:`train_short_side`) or the eval resize's (:meth:`eval_short_side`). JPEGs are
+        decoded (``draft_decode``) and cached (``cache``) that large and no larger."""
+        return self.train_short_side() if split == "train" else self.eval_short_side()
 
     def views_dataloader(self, split: str, tta, *, rows: Sequence[int] | None = None) -> DataLoader:
         """``split`` (in order) with ``tta``'s views of every image: batches of

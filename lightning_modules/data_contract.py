@@ -273,12 +273,14 @@ def data_config_for(cfg, contract: dict | None):
         data = OmegaConf.create(contract["data"])
         with open_dict(data):
             data.augment = None  # testing never augments (and fits no colour PCA)
-            if "cache" in data:  # decoding every split into memory: only when this command asks
-                data.cache = False
-            # how to load is this machine's business, what to load the checkpoint's
+            # how to load is this machine's business, what to load the checkpoint's: a loader
+            # key this command's data lacks takes its default, not the recorded run's (which
+            # may have decoded every image into memory: data.cache=true)
             for key in {*LOADER_KEYS, *explicit}:
                 value = OmegaConf.select(cfg.data, key, default="__absent__")
                 if isinstance(value, str) and value == "__absent__":
+                    if key in LOADER_KEYS:
+                        data.pop(key, None)
                     continue
                 if OmegaConf.is_config(value):
                     value = OmegaConf.to_container(value, resolve=True)

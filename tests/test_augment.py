@@ -451,7 +451,7 @@ def test_training_photos_decode_large_enough_for_every_random_crop(tmp_path, nam
     dm = ImageDataModule(
         source=ImageFolderSource(root=str(tmp_path)), image_size=224, augment=preset(tmp_path, name)
     )
-    need = dm.train_decode_short_side()
+    need = dm.short_side("train")
     o = dm.augment_options
     if sj := o["scale_jitter"]:
         assert need == math.ceil(DECODE_MARGIN * round(sj[1] * 224))  # the largest short side

@@ -1,6 +1,8 @@
 """data.cache: image files decoded once and kept; the same pictures, bounded in size, refused
 when they would not fit in memory."""
 
+import inspect
+
 import pytest
 import torch
 from PIL import Image
@@ -43,6 +45,7 @@ def test_cached_images_are_bounded_used_and_give_the_same_pictures(tmp_path, mon
     plain, cached = _dm(root), _dm(root, cache=True)
     for split, ds in cached.datasets.items():
         side = cached.train_short_side() if split == "train" else cached.eval_short_side()
+        assert cached.short_side(split) == side
         assert len(ds.cache) == len(ds)
         assert all(t.dtype == torch.uint8 and min(t.shape[-2:]) == side for t in ds.cache)
 
@@ -111,6 +114,9 @@ def test_evaluating_a_checkpoint_does_not_carry_its_cache_setting(tmp_path):
 
     contract = {"data": {"_target_": "datamodules.ImageDataModule", "cache": True}, "input": {}}
     cfg = OmegaConf.create({"data": {"batch_size": 8}})
+    assert "cache" not in data_config_for(cfg, contract)  # this command's default: no cache
+    assert inspect.signature(ImageDataModule).parameters["cache"].default is False
+    cfg = OmegaConf.create({"data": {"batch_size": 8, "cache": False}})
     assert data_config_for(cfg, contract).cache is False
     cfg = OmegaConf.create({"data": {"batch_size": 8, "cache": True}})
     assert data_config_for(cfg, contract).cache is True

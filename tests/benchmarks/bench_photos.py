@@ -85,7 +85,7 @@ def _train_items(dm):
     from datamodules.image_datamodule import SplitDataset
 
     ds = dm.datasets["test"]
-    decode = dm.train_decode_short_side()
+    decode = dm.short_side("train") if dm.draft_decode else None
     return SplitDataset(
         ds.pool, ds.indices, ds.targets, dm.train_transform(), min_short_side=decode
     )
@@ -114,7 +114,7 @@ def test_draft_decoding_of_eval_photos(tmp_path, kind):
         f"\n{kind} ({size[0]}x{size[1]}, {len(dms[True].datasets['test'])} test images), "
         "images/s per worker:"
     )
-    print(f"  training decodes at short side >= {dms[True].train_decode_short_side()} px")
+    print(f"  training decodes at short side >= {dms[True].short_side('train')} px")
     for what in ("eval", "five_crop", "train"):
         print(
             f"  {what:>9}: whole {med[(False, what)]:7.1f}, draft {med[(True, what)]:7.1f} "
