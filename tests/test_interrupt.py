@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,3 +121,23 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_valid(tmp_path, monke
     monkeypatch.undo()
     state = torch.load(path, weights_only=True)["state_dict"]
     assert torch.equal(state["w"], torch.ones(3))  # the earlier checkpoint, intact
+
+
+def test_step_seed_makes_each_steps_randomness_a_function_of_seed_and_step():
+    """What makes a resumed run's dropout equal an uninterrupted run's, drawn from every
+    generator a step may use."""
+    from types import SimpleNamespace
+
+    from callbacks.step_seed import StepSeed
+
+    module = SimpleNamespace(device=torch.device("cpu"))
+
+    def draws(seed: int, step: int) -> tuple:
+        StepSeed(seed).on_train_batch_start(SimpleNamespace(global_step=step), module, None, 0)
+        return torch.rand(4).tolist(), random.random(), float(np.random.rand())
+
+    first = draws(7, 3)
+    torch.rand(100), random.random(), np.random.rand(5)  # whatever ran in between
+    assert draws(7, 3) == first
+    assert draws(7, 4)[0] != first[0] and draws(8, 3)[0] != first[0]
+    assert draws(7, 4)[1:] != first[1:]
