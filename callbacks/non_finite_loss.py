@@ -27,8 +27,10 @@ class StopOnNonFiniteLoss(pl.Callback):
         # a skipped batch (None) counts as finite, but this rank still joins the DDP decision
         self._check(trainer, "training", 0.0 if loss is None else loss)
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        # before ModelCheckpoint (on_validation_end): a diverged model is never a "best"
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # the epoch's val/loss is logged by then (models log it in on_validation_epoch_end), and
+        # Lightning runs every ModelCheckpoint's on_validation_end after the other callbacks':
+        # a diverged model is never a "best"
         loss = trainer.callback_metrics.get("val/loss")
         if not trainer.sanity_checking:
             self._check(trainer, "validation", 0.0 if loss is None else loss)

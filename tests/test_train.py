@@ -42,6 +42,15 @@ def test_train_writes_metrics_and_predictions(cfg_factory, tmp_path):
     logged = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
     header, last = logged[0].split(","), logged[-1].split(",")
     assert float(last[header.index("test/brier")]) == pytest.approx(brier, abs=1e-5)
+    # the epoch's validation metrics are over the validation images alone (not the sanity
+    # check's batch), per image: they match the best (= only) epoch's validation predictions
+    epoch = next(r.split(",") for r in logged[1:] if r.split(",")[header.index("val/acc")])
+    val = load_predictions(tmp_path, "val")
+    m = len(val["targets"])
+    val_acc = (val["probs"].argmax(1) == val["targets"]).mean()
+    val_nll = -np.log(val["probs"][np.arange(m), val["targets"]]).mean()
+    assert float(epoch[header.index("val/acc")]) == pytest.approx(val_acc, abs=1e-6)
+    assert float(epoch[header.index("val/loss")]) == pytest.approx(val_nll, rel=1e-4)
 
 
 @pytest.mark.slow
