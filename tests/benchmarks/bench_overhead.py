@@ -38,15 +38,15 @@ PROJECT = ["augment=none", "tta=none", "logger=none", "seed=1"]
 
 
 def _prepare(tmp: Path) -> Path:
-    """The project's own split and pixels, as tensors (bare loop) and PNG folders (timm)."""
+    """The project's own split and pixels, as tensors (bare loop) and PNG folders (timm): its
+    data module made from the composed config the project run uses (``eval_crop_pct`` and all)."""
     from torchvision.transforms.functional import to_pil_image
 
-    from datamodules import ImageDataModule
-    from datamodules.sources import DigitsSource
+    from tasks.instantiate import instantiate
+    from tests.conftest import compose_cfg
 
-    dm = ImageDataModule(
-        source=DigitsSource(image_size=32), image_size=32, augment=None, backbone="resnet10t"
-    )
+    cfg = compose_cfg(tmp / "compose", [o for o in PROJECT if o.startswith("augment")], fast=False)
+    dm = instantiate(cfg.data, _convert_="all")
     dm.setup()
     data = {"classes": torch.tensor(len(dm.class_names))}
     for split in ("train", "val", "test"):
