@@ -11,12 +11,29 @@ whole by resampling only.
 
 A cache that would take more than half the memory free at setup (all splits together) is
 refused with the figures. Under DDP every process keeps its own copy and checks only its own.
+
+``data.cache=disk`` keeps the same decoded images in one file per split under
+``data.cache_dir`` instead, memory-mapped: pages are read as they are used and shared by every
+process on the machine (loader workers, the members of a multirun, DDP ranks), and the next run
+on the same images starts from them without decoding a file. A split's file is named by a
+digest of everything its pixels depend on (each image file's path, size and modification time,
+in row order; the decode and cache sizes; the interpolation; Pillow's version), so a changed
+image, split or input size gets a file of its own and is never served stale pixels. The file
+and its index are written to temporary names and renamed into place, the index last: a file
+whose index is missing or does not match its size is decoded again. It is refused when it would
+take more than half the free space of ``cache_dir``. Files are never changed in place (a running
+process maps them); files of images that changed stay until ``cache_dir`` is emptied.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -29,6 +46,8 @@ log = logging.getLogger(__name__)
 MEMORY_SHARE = 0.5
 # images decoded before the cache's total size is projected and checked
 PROBE_IMAGES = 32
+# the layout of a data.cache=disk file and its index; a change makes every old file a miss
+DISK_FORMAT = 1
 
 
 def available_memory() -> int | None:
@@ -65,59 +84,168 @@ class _Decoded(Dataset):
 
 
 def fill_cache(
-    split, *, short_side: int, interpolation, num_workers: int, name: str, budget: float | None
+    split,
+    *,
+    short_side: int,
+    interpolation,
+    num_workers: int,
+    name: str,
+    budget: float | None,
+    sink: Callable[[torch.Tensor], None] | None = None,
+    room: str = "half the memory free",
 ) -> list:
-    """Every image of ``split`` decoded and shrunk (see the module), in row order.
+    """Every image of ``split`` decoded and shrunk (see the module), in row order: returned, or
+    handed to ``sink`` one by one (then the list is empty).
 
-    Raises UserError when the split would take more than ``budget`` bytes: projected from the
-    first :data:`PROBE_IMAGES` images, and checked again as every image arrives.
+    Raises UserError when the split would take more than ``budget`` bytes (``room`` says what
+    the budget is): projected from the first :data:`PROBE_IMAGES` images, and checked again as
+    every image arrives.
     """
     loader = DataLoader(
         _Decoded(split, short_side, interpolation), batch_size=None, num_workers=num_workers
     )
     images, total = [], 0
-    for image in loader:
-        # a copy in this process's own memory: a worker's tensor is a shared-memory file and a
-        # memory map each, of which a process may hold only ~65,000
-        images.append(image.clone() if num_workers else image)
+    for n, image in enumerate(loader, start=1):
         total += image.numel()
-        n = len(images)
         projected = total / n * len(split) if n >= min(PROBE_IMAGES, len(split)) else 0.0
         if budget is not None and max(projected, total) > budget:
+            mode = "true" if sink is None else "disk"
             raise UserError(
-                f"data.cache=true would keep ~{max(projected, total) / 2**30:.1f} GiB of decoded "
-                f"{name} images ({len(split)} images, short side {short_side} px), more than "
-                f"the {budget / 2**30:.1f} GiB left of half the memory free: use "
-                "data.cache=false, or a smaller data.image_size."
+                f"data.cache={mode} would keep ~{max(projected, total) / 2**30:.1f} GiB of "
+                f"decoded {name} images ({len(split)} images, short side {short_side} px), more "
+                f"than the {budget / 2**30:.1f} GiB left of {room}: use data.cache=false, or a "
+                "smaller data.image_size."
             )
+        if sink is not None:
+            sink(image)
+        else:
+            # a copy in this process's own memory: a worker's tensor is a shared-memory file
+            # and a memory map each, of which a process may hold only ~65,000
+            images.append(image.clone() if num_workers else image)
     return images
 
 
-def cache_splits(datamodule, *, num_workers: int | None = None) -> int:
-    """Fill the cache of every split of ``datamodule`` whose images come from files; returns
-    the bytes kept (0 when no split reads files: an in-memory source has nothing to cache)."""
+def cache_splits(
+    datamodule, *, num_workers: int | None = None, where: str = "memory", cache_dir=None
+) -> int:
+    """Fill the cache of every split of ``datamodule`` whose images come from files, in memory
+    or (``where="disk"``) in files under ``cache_dir``; returns the bytes kept (0 when no split
+    reads files: an in-memory source has nothing to cache)."""
     from datamodules.transforms import _interpolation
 
     interpolation = _interpolation(datamodule.interpolation)
     workers = datamodule.num_workers if num_workers is None else num_workers
-    free = available_memory()  # once: what the splits may take together
+    if where == "disk":
+        cache_dir = Path(cache_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(cache_dir).free
+    else:
+        free = available_memory()  # once: what the splits may take together
     kept = 0
     for name, split in datamodule.datasets.items():
         if not getattr(split.pool.load, "sized", False):
             continue
         side = datamodule.short_side(name)
         budget = None if free is None else MEMORY_SHARE * free - kept
-        split.cache = fill_cache(
-            split,
-            short_side=side,
-            interpolation=interpolation,
-            num_workers=workers,
-            name=name,
-            budget=budget,
-        )
-        kept += sum(t.numel() for t in split.cache)
-    if kept:
+        fill = dict(short_side=side, interpolation=interpolation, num_workers=workers, name=name)
+        if where == "disk":
+            split.cache, written = disk_cache(split, cache_dir=cache_dir, budget=budget, **fill)
+            kept += written
+        else:
+            split.cache = fill_cache(split, budget=budget, **fill)
+            kept += sum(t.numel() for t in split.cache)
+    if where == "disk":
+        log.info("data.cache=disk: %.2f GiB decoded into %s", kept / 2**30, cache_dir)
+    elif kept:
         log.info("data.cache: %.2f GiB of decoded images kept (pid %d)", kept / 2**30, os.getpid())
     else:
         log.info("data.cache=true: nothing to cache (the source's images are already in memory)")
     return kept
+
+
+def disk_key(split, *, short_side: int, interpolation) -> str:
+    """The digest that names a split's cache file: everything its pixels depend on."""
+    import PIL
+
+    digest = hashlib.sha256()
+    head = [DISK_FORMAT, short_side, str(interpolation), split.min_short_side, PIL.__version__]
+    digest.update(json.dumps(head).encode())
+    paths = split.pool.load.paths
+    for index in split.indices:
+        path = os.path.abspath(paths[int(index)])
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def disk_cache(
+    split, *, cache_dir: Path, budget: float | None, short_side: int, interpolation, **fill
+) -> tuple[list, int]:
+    """``split``'s decoded images as views into its memory-mapped cache file, decoding and
+    writing the file first when there is none that fits; returns ``(images, bytes written)``."""
+    key = disk_key(split, short_side=short_side, interpolation=interpolation)
+    data, index = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
+    shapes = _read_index(index, data, len(split))
+    written = 0
+    if shapes is None:
+        tmp = f".{os.getpid()}.tmp"
+        data_tmp, index_tmp = data.with_name(data.name + tmp), index.with_name(index.name + tmp)
+        shapes = []
+        try:
+            with open(data_tmp, "wb") as f:
+
+                def write(image: torch.Tensor) -> None:
+                    shapes.append(list(image.shape))
+                    f.write(memoryview(image.numpy()))
+
+                fill_cache(
+                    split,
+                    budget=budget,
+                    sink=write,
+                    room=f"half the free space in {cache_dir}",
+                    short_side=short_side,
+                    interpolation=interpolation,
+                    **fill,
+                )
+            index_tmp.write_text(json.dumps({"format": DISK_FORMAT, "shapes": shapes}))
+            os.replace(data_tmp, data)
+            os.replace(index_tmp, index)  # last: an index names a complete file
+        finally:
+            data_tmp.unlink(missing_ok=True)
+            index_tmp.unlink(missing_ok=True)
+        written = sum(_numel(s) for s in shapes)
+    return _views(data, shapes), written
+
+
+def _numel(shape) -> int:
+    c, h, w = shape
+    return c * h * w
+
+
+def _read_index(index: Path, data: Path, n: int) -> list | None:
+    """The shapes in a cache file's index, or None when there is no complete, matching file."""
+    try:
+        meta = json.loads(index.read_text())
+        shapes = meta["shapes"]
+        size = data.stat().st_size
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if meta.get("format") != DISK_FORMAT or len(shapes) != n:
+        return None
+    if size != sum(_numel(s) for s in shapes):
+        return None
+    return shapes
+
+
+def _views(data: Path, shapes: list) -> list:
+    """One uint8 (3, H, W) tensor per image, each a view into the memory-mapped file."""
+    total = sum(_numel(s) for s in shapes)
+    if total == 0:
+        return [torch.empty(s, dtype=torch.uint8) for s in shapes]
+    flat = torch.from_file(str(data), shared=False, size=total, dtype=torch.uint8)
+    views, offset = [], 0
+    for shape in shapes:
+        n = _numel(shape)
+        views.append(flat[offset : offset + n].view(*shape))
+        offset += n
+    return views

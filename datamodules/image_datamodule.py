@@ -136,7 +136,8 @@ class ImageDataModule(pl.LightningDataModule):
         augment: Mapping | None = None,
         seed: int = 0,
         draft_decode: bool = True,
-        cache: bool = False,
+        cache: bool | str = False,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -161,7 +162,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.augment = dict(augment or {})
         self.seed = int(seed)  # the training seed: data order and augmentation
         self.draft_decode = bool(draft_decode)  # JPEGs decoded at a reduced scale when enough
-        self.cache = bool(cache)  # image files decoded once, at setup, and kept (image_cache.py)
+        # image files decoded once, at setup, and kept in memory or on disk (image_cache.py)
+        self.cache = _cache_mode(cache)
+        if self.cache == "disk" and not cache_dir:
+            raise UserError("data.cache=disk needs data.cache_dir: a folder on a local disk.")
+        self.cache_dir = cache_dir
         self.augment_options = augment_options(self.augment)
         self.color_pca: ColorPCA | None = None  # set in setup() when PCA jitter is on
         self.batch_augment: BatchPCAJitter | None = None  # the on-device part, training only
@@ -208,7 +213,7 @@ class ImageDataModule(pl.LightningDataModule):
         if self.cache:
             from datamodules.image_cache import cache_splits
 
-            cache_splits(self)
+            cache_splits(self, where=self.cache, cache_dir=self.cache_dir)
         sizes = ", ".join(f"{s} {len(d)}" for s, d in self.datasets.items())
         log.info("Data: %d classes; %s images (split_seed=%d)", len(names), sizes, self.split_seed)
         log.info("Input: %s", self.data_config.describe())
@@ -556,3 +561,17 @@ def source_identity(source) -> dict:
         if value is None or isinstance(value, (str, int, float, bool)):
             identity[key] = value
     return identity
+
+
+def _cache_mode(cache) -> str | None:
+    """``data.cache``: false/null (none), true or ``memory``, ``disk``."""
+    if cache is None or cache is False or str(cache).lower() in ("false", "none", "null"):
+        return None
+    if cache is True or str(cache).lower() in ("true", "memory"):
+        return "memory"
+    if str(cache).lower() == "disk":
+        return "disk"
+    raise UserError(
+        f"data.cache={cache!r}: use false, true (decoded images in memory) or disk "
+        "(memory-mapped files under data.cache_dir, reused by later runs)."
+    )

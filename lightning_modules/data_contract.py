@@ -62,6 +62,7 @@ LOADER_KEYS = (
     "pin_memory",
     "persistent_workers",
     "cache",
+    "cache_dir",
 )
 # what must agree between the members of an ensemble (and between a model and its data)
 MEMBER_KEYS = ("class_names", "tasks", "input", "mirror_invariant")

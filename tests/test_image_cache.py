@@ -1,7 +1,8 @@
-"""data.cache: image files decoded once and kept; the same pictures, bounded in size, refused
-when they would not fit in memory."""
+"""data.cache: image files decoded once and kept (in memory, or memory-mapped files reused by
+later runs); the same pictures, bounded in size, refused when they would not fit, never stale."""
 
 import inspect
+import os
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def _folder(root, size=(640, 480), per_class=6):
 def _dm(root, **kw):
     dm = ImageDataModule(
         source=ImageFolderSource(root=str(root)),
-        image_size=64,
+        image_size=kw.pop("image_size", 64),
         eval_crop_pct=0.875,
         val_fraction=0.25,
         test_fraction=0.25,
@@ -120,3 +121,82 @@ def test_evaluating_a_checkpoint_does_not_carry_its_cache_setting(tmp_path):
     assert data_config_for(cfg, contract).cache is False
     cfg = OmegaConf.create({"data": {"batch_size": 8, "cache": True}})
     assert data_config_for(cfg, contract).cache is True
+
+
+def _images(dm) -> dict:
+    return {split: list(ds.cache) for split, ds in dm.datasets.items()}
+
+
+def _same_images(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys() or any(len(a[s]) != len(b[s]) for s in a):
+        return False
+    return all(torch.equal(x, y) for s in a for x, y in zip(a[s], b[s], strict=True))
+
+
+def test_a_disk_cache_holds_the_memory_cache_and_the_next_run_decodes_nothing(
+    tmp_path, monkeypatch
+):
+    root, cache_dir = _folder(tmp_path / "photos"), tmp_path / "cache"
+    in_memory = _images(_dm(root, cache=True))
+    on_disk = _dm(root, cache="disk", cache_dir=str(cache_dir))
+    files = sorted(p.name for p in cache_dir.iterdir())
+    assert len(files) == 2 * len(on_disk.datasets)  # a file and its index per split, no temporary
+    assert _same_images(_images(on_disk), in_memory)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a file was decoded")
+
+    monkeypatch.setattr("datamodules.sources.folder.load_rgb", no_decoding)
+    again = _dm(root, cache="disk", cache_dir=str(cache_dir), num_workers=1)
+    assert sorted(p.name for p in cache_dir.iterdir()) == files  # nothing written again
+    assert _same_images(_images(again), in_memory)
+    x, y, _ = next(iter(again.train_dataloader()))  # a loader worker reads the mapped file
+    assert x.shape[1:] == (3, 64, 64) and len(y) == len(x)
+
+
+def test_a_disk_cache_never_serves_stale_or_partial_pixels(tmp_path):
+    root, cache_dir = _folder(tmp_path / "photos"), tmp_path / "cache"
+    _dm(root, cache="disk", cache_dir=str(cache_dir))
+    before = set(cache_dir.iterdir())
+    # an image is replaced: the splits holding it get files of their own, with its new pixels
+    Image.new("RGB", (640, 480), (200, 30, 30)).save(sorted(root.glob("a/*.jpg"))[0])
+    changed = _dm(root, cache="disk", cache_dir=str(cache_dir))
+    assert _same_images(_images(changed), _images(_dm(root, cache=True)))
+    assert before < set(cache_dir.iterdir())
+    # another input size: files of its own, bounded by its own sizes
+    larger = _dm(root, cache="disk", cache_dir=str(cache_dir), image_size=96)
+    assert _same_images(_images(larger), _images(_dm(root, cache=True, image_size=96)))
+    # a file cut short (a full disk, a killed copy) is decoded again, not read; a new file, as
+    # a copy would make it: the runs above still map the old ones
+    expected = {s: [t.clone() for t in images] for s, images in _images(changed).items()}
+    for data in cache_dir.glob("*.u8"):
+        cut = data.with_name("cut")
+        cut.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+        os.replace(cut, data)
+    again = _dm(root, cache="disk", cache_dir=str(cache_dir))
+    assert _same_images(_images(again), expected)
+
+
+def test_a_disk_cache_larger_than_half_the_free_space_is_refused(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    root, cache_dir = _folder(tmp_path / "photos"), tmp_path / "cache"
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10**6, 10**6 - 100_000, 100_000))
+    with pytest.raises(UserError, match=r"data.cache=disk would keep .* free space in"):
+        _dm(root, cache="disk", cache_dir=str(cache_dir))
+    assert not list(cache_dir.iterdir())  # nothing half-written left behind
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"cache": "ram"}, "data.cache='ram': use false, true"),
+        ({"cache": "disk"}, "data.cache=disk needs data.cache_dir"),
+    ],
+)
+def test_a_cache_setting_it_cannot_honour_is_one_clear_error(kwargs, match):
+    from datamodules.sources import DigitsSource
+
+    with pytest.raises(UserError, match=match):
+        ImageDataModule(source=DigitsSource(image_size=32), image_size=32, **kwargs)
