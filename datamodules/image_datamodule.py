@@ -146,8 +146,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.classes = list(classes) if classes is not None else None
         self.max_per_class, self.split_seed = max_per_class, int(split_seed)
         self.fractions = {"val": float(val_fraction), "test": float(test_fraction)}
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size or batch_size)
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.data_config = resolve_data_config(
@@ -158,15 +157,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.mean, self.std = list(self.data_config.mean), list(self.data_config.std)
         self.interpolation = self.data_config.interpolation
         self.eval_crop_pct = self.data_config.crop_pct
-        self.mirror_invariant = bool(mirror_invariant)
-        self.augment = dict(augment or {})
+        self.augment, self.mirror_invariant = dict(augment or {}), bool(mirror_invariant)
         self.seed = int(seed)  # the training seed: data order and augmentation
         self.draft_decode = bool(draft_decode)  # JPEGs decoded at a reduced scale when enough
         # image files decoded once, at setup, and kept in memory or on disk (image_cache.py)
-        self.cache = _cache_mode(cache)
-        if self.cache == "disk" and not cache_dir:
-            raise UserError("data.cache=disk needs data.cache_dir: a folder on a local disk.")
-        self.cache_dir = cache_dir
+        self.cache, self.cache_dir = _cache_mode(cache, cache_dir), cache_dir
         self.augment_options = augment_options(self.augment)
         self.color_pca: ColorPCA | None = None  # set in setup() when PCA jitter is on
         self.batch_augment: BatchPCAJitter | None = None  # the on-device part, training only
@@ -563,13 +558,15 @@ def source_identity(source) -> dict:
     return identity
 
 
-def _cache_mode(cache) -> str | None:
-    """``data.cache``: false/null (none), true or ``memory``, ``disk``."""
+def _cache_mode(cache, cache_dir: str | None) -> str | None:
+    """``data.cache``: false/null (none), true or ``memory``, ``disk`` (with a ``cache_dir``)."""
     if cache is None or cache is False or str(cache).lower() in ("false", "none", "null"):
         return None
     if cache is True or str(cache).lower() in ("true", "memory"):
         return "memory"
     if str(cache).lower() == "disk":
+        if not cache_dir:
+            raise UserError("data.cache=disk needs data.cache_dir: a folder on a local disk.")
         return "disk"
     raise UserError(
         f"data.cache={cache!r}: use false, true (decoded images in memory) or disk "
