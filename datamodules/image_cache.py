@@ -20,7 +20,9 @@ digest of everything its pixels depend on (each image file's path, size and modi
 in row order; the decode and cache sizes; the interpolation; Pillow's version), so a changed
 image, split or input size gets a file of its own and is never served stale pixels. The file
 and its index are written to temporary names and renamed into place, the index last: a file
-whose index is missing or does not match its size is decoded again. It is refused when it would
+whose index is missing or does not match its size is decoded again. Processes that need the
+same file take turns on a lock file beside it: the first decodes, the others (DDP ranks, jobs of
+a parallel sweep) wait and map what it wrote. It is refused when it would
 take more than half the free space of ``cache_dir``. Files are never changed in place (a running
 process maps them); files of images that changed stay until ``cache_dir`` is emptied.
 """
@@ -28,11 +30,13 @@ process maps them); files of images that changed stay until ``cache_dir`` is emp
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -137,11 +141,17 @@ def cache_splits(
     workers = datamodule.num_workers if num_workers is None else num_workers
     if where == "disk":
         cache_dir = Path(cache_dir)
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(
+                f"data.cache_dir={cache_dir}: cannot make it ({err.strerror or err}); set "
+                "data.cache_dir to a folder you can write on a local disk."
+            ) from err
         free = shutil.disk_usage(cache_dir).free
     else:
         free = available_memory()  # once: what the splits may take together
-    kept = 0
+    kept, found = 0, []
     for name, split in datamodule.datasets.items():
         if not getattr(split.pool.load, "sized", False):
             continue
@@ -151,74 +161,107 @@ def cache_splits(
         if where == "disk":
             split.cache, written = disk_cache(split, cache_dir=cache_dir, budget=budget, **fill)
             kept += written
+            found += [] if written else [name]
         else:
             split.cache = fill_cache(split, budget=budget, **fill)
             kept += sum(t.numel() for t in split.cache)
-    if where == "disk":
-        log.info("data.cache=disk: %.2f GiB decoded into %s", kept / 2**30, cache_dir)
+    if where == "disk" and (kept or found):
+        reused = f"; {', '.join(found)} found there already" if found else ""
+        log.info("data.cache=disk: %.2f GiB decoded into %s%s", kept / 2**30, cache_dir, reused)
     elif kept:
         log.info("data.cache: %.2f GiB of decoded images kept (pid %d)", kept / 2**30, os.getpid())
     else:
-        log.info("data.cache=true: nothing to cache (the source's images are already in memory)")
+        log.info("data.cache: nothing to cache (the source's images are already in memory)")
     return kept
 
 
 def disk_key(split, *, short_side: int, interpolation) -> str:
-    """The digest that names a split's cache file: everything its pixels depend on."""
+    """The digest that names a split's cache file: everything its pixels depend on. Bump
+    :data:`DISK_FORMAT` when the decoding code (``load_rgb``, ``ToRGB``, ``_Decoded``) changes."""
     import PIL
+    import torchvision
 
     digest = hashlib.sha256()
-    head = [DISK_FORMAT, short_side, str(interpolation), split.min_short_side, PIL.__version__]
+    versions = [PIL.__version__, torch.__version__, torchvision.__version__]
+    head = [DISK_FORMAT, short_side, str(interpolation), split.min_short_side, *versions]
     digest.update(json.dumps(head).encode())
     paths = split.pool.load.paths
     for index in split.indices:
         path = os.path.abspath(paths[int(index)])
-        stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        st = os.stat(path)  # ctime too: a copy that keeps size and mtime (cp -p) still changes it
+        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
     return digest.hexdigest()[:32]
 
 
 def disk_cache(
     split, *, cache_dir: Path, budget: float | None, short_side: int, interpolation, **fill
-) -> tuple[list, int]:
-    """``split``'s decoded images as views into its memory-mapped cache file, decoding and
-    writing the file first when there is none that fits; returns ``(images, bytes written)``."""
+) -> tuple[MappedImages, int]:
+    """``split``'s decoded images from its cache file, decoding and writing the file first when
+    there is none that fits; returns ``(images, bytes written)``. Processes that need the same
+    file take turns (a lock file beside it): one decodes, the others find its file."""
+    import fcntl
+
     key = disk_key(split, short_side=short_side, interpolation=interpolation)
     data, index = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
-    shapes = _read_index(index, data, len(split))
-    written = 0
-    if shapes is None:
-        tmp = f".{os.getpid()}.tmp"
-        data_tmp, index_tmp = data.with_name(data.name + tmp), index.with_name(index.name + tmp)
-        shapes = []
-        try:
-            with open(data_tmp, "wb") as f:
+    with open(cache_dir / f"{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        shapes = _read_index(index, data, len(split))
+        if shapes is not None:
+            return MappedImages(data, shapes), 0
+        for stale in cache_dir.glob(f".{key}.*.tmp"):  # of a process killed while writing
+            stale.unlink(missing_ok=True)
+        shapes = _write(
+            split,
+            data,
+            index,
+            budget=budget,
+            short_side=short_side,
+            interpolation=interpolation,
+            **fill,
+        )
+    return MappedImages(data, shapes), sum(_numel(s) for s in shapes)
 
-                def write(image: torch.Tensor) -> None:
-                    shapes.append(list(image.shape))
-                    f.write(memoryview(image.numpy()))
 
-                fill_cache(
-                    split,
-                    budget=budget,
-                    sink=write,
-                    room=f"half the free space in {cache_dir}",
-                    short_side=short_side,
-                    interpolation=interpolation,
-                    **fill,
-                )
-            index_tmp.write_text(json.dumps({"format": DISK_FORMAT, "shapes": shapes}))
-            os.replace(data_tmp, data)
-            os.replace(index_tmp, index)  # last: an index names a complete file
-        finally:
-            data_tmp.unlink(missing_ok=True)
-            index_tmp.unlink(missing_ok=True)
-        written = sum(_numel(s) for s in shapes)
-    return _views(data, shapes), written
+def _write(split, data: Path, index: Path, *, budget, **fill) -> list:
+    """Decode ``split`` into ``data`` and its ``index``: temporary files renamed into place, the
+    index last (an index names a complete file). Returns the images' shapes."""
+    cache_dir, key = data.parent, data.stem
+    shapes: list[list[int]] = []
+    temporary = []
+    try:
+        fd, data_tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}.", suffix=".u8.tmp")
+        temporary.append(data_tmp)
+        with os.fdopen(fd, "wb") as f:
+
+            def write(image: torch.Tensor) -> None:
+                shapes.append(list(image.shape))
+                f.write(memoryview(image.numpy()))
+
+            fill_cache(
+                split, budget=budget, sink=write, room=f"half the free space in {cache_dir}", **fill
+            )
+        fd, index_tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}.", suffix=".json.tmp")
+        temporary.append(index_tmp)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"format": DISK_FORMAT, "shapes": shapes}, f)
+        for path in temporary:  # mkstemp makes them private: readable as any other file
+            os.chmod(path, 0o644)
+        os.replace(data_tmp, data)
+        os.replace(index_tmp, index)
+    except OSError as err:
+        raise UserError(
+            f"data.cache=disk could not write its file in {cache_dir} ({err.strerror or err}): "
+            "free some space there, set data.cache_dir to a folder on another local disk, or use "
+            "data.cache=true."
+        ) from err
+    finally:
+        for path in temporary:
+            Path(path).unlink(missing_ok=True)
+    return shapes
 
 
 def _numel(shape) -> int:
-    c, h, w = shape
+    c, h, w = (int(n) for n in shape)
     return c * h * w
 
 
@@ -227,25 +270,43 @@ def _read_index(index: Path, data: Path, n: int) -> list | None:
     try:
         meta = json.loads(index.read_text())
         shapes = meta["shapes"]
+        expected = sum(_numel(s) for s in shapes)
         size = data.stat().st_size
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if meta.get("format") != DISK_FORMAT or len(shapes) != n:
-        return None
-    if size != sum(_numel(s) for s in shapes):
+    if meta.get("format") != DISK_FORMAT or len(shapes) != n or size != expected:
         return None
     return shapes
 
 
-def _views(data: Path, shapes: list) -> list:
-    """One uint8 (3, H, W) tensor per image, each a view into the memory-mapped file."""
-    total = sum(_numel(s) for s in shapes)
-    if total == 0:
-        return [torch.empty(s, dtype=torch.uint8) for s in shapes]
-    flat = torch.from_file(str(data), shared=False, size=total, dtype=torch.uint8)
-    views, offset = [], 0
-    for shape in shapes:
-        n = _numel(shape)
-        views.append(flat[offset : offset + n].view(*shape))
-        offset += n
-    return views
+class MappedImages(Sequence):
+    """A split's decoded images in its cache file: item ``row`` is a uint8 (C, H, W) view into
+    the memory-mapped file. Pickled (a loader worker started by spawn or forkserver) it carries
+    the path and shapes and maps the file again in the receiving process; a forked worker shares
+    the parent's mapping."""
+
+    def __init__(self, path: Path, shapes: list) -> None:
+        self.path, self.shapes = str(path), [tuple(int(n) for n in s) for s in shapes]
+        self.offsets = list(itertools.accumulate((_numel(s) for s in self.shapes), initial=0))
+        self._flat: torch.Tensor | None = None
+        self._map()
+
+    def _map(self) -> torch.Tensor:
+        if self._flat is None:
+            total = self.offsets[-1]
+            self._flat = (
+                torch.from_file(self.path, shared=False, size=total, dtype=torch.uint8)
+                if total
+                else torch.empty(0, dtype=torch.uint8)
+            )
+        return self._flat
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, row: int) -> torch.Tensor:
+        start, end = self.offsets[row], self.offsets[row + 1]
+        return self._map()[start:end].view(self.shapes[row])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_flat": None}

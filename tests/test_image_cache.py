@@ -140,8 +140,15 @@ def test_a_disk_cache_holds_the_memory_cache_and_the_next_run_decodes_nothing(
     in_memory = _images(_dm(root, cache=True))
     on_disk = _dm(root, cache="disk", cache_dir=str(cache_dir))
     files = sorted(p.name for p in cache_dir.iterdir())
-    assert len(files) == 2 * len(on_disk.datasets)  # a file and its index per split, no temporary
+    # a file, its index and its lock per split, no temporary file
+    suffixes = sorted(p.suffix for p in cache_dir.iterdir())
+    assert suffixes == sorted([".json", ".lock", ".u8"] * len(on_disk.datasets))
     assert _same_images(_images(on_disk), in_memory)
+    # a loader worker started by spawn gets the path and maps the file itself
+    from multiprocessing.reduction import ForkingPickler
+
+    sent = ForkingPickler.loads(ForkingPickler.dumps(on_disk.datasets["test"]))
+    assert all(torch.equal(a, b) for a, b in zip(sent.cache, in_memory["test"], strict=True))
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("a file was decoded")
@@ -185,7 +192,32 @@ def test_a_disk_cache_larger_than_half_the_free_space_is_refused(tmp_path, monke
     monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10**6, 10**6 - 100_000, 100_000))
     with pytest.raises(UserError, match=r"data.cache=disk would keep .* free space in"):
         _dm(root, cache="disk", cache_dir=str(cache_dir))
-    assert not list(cache_dir.iterdir())  # nothing half-written left behind
+    assert {p.suffix for p in cache_dir.iterdir()} == {".lock"}  # nothing half-written left
+
+
+def test_a_disk_cache_clears_what_a_killed_writer_left_and_names_an_unusable_folder(tmp_path):
+    from datamodules.image_cache import disk_key
+
+    root, cache_dir = _folder(tmp_path / "photos"), tmp_path / "cache"
+    dm = _dm(root, cache="disk", cache_dir=str(cache_dir))
+    split = dm.datasets["train"]
+    key = disk_key(split, short_side=dm.short_side("train"), interpolation=_interp(dm))
+    for suffix in ("u8", "json"):  # as if killed after writing its file, before the rename
+        (cache_dir / f"{key}.{suffix}").rename(cache_dir / f".{key}.killed.{suffix}.tmp")
+    _dm(root, cache="disk", cache_dir=str(cache_dir))
+    assert not list(cache_dir.glob("*.tmp"))
+    assert (cache_dir / f"{key}.u8").is_file()
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with pytest.raises(UserError, match=r"data.cache_dir=.*a-file/cache: cannot make it"):
+        _dm(root, cache="disk", cache_dir=str(blocked / "cache"))
+
+
+def _interp(dm):
+    from datamodules.transforms import _interpolation
+
+    return _interpolation(dm.interpolation)
 
 
 @pytest.mark.parametrize(
