@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
@@ -13,6 +14,11 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from lightning_modules.backbone import create_backbone
 from lightning_modules.metrics import ECE_BINS
 from lightning_modules.optimization import configure_layer_optimizers, layer_param_groups
+
+# the epoch metrics are computed by torchmetrics, which synchronises them across processes
+warnings.filterwarnings(
+    "ignore", message=r"It is recommended to use `self.log\('(train|val)/(loss|acc)'"
+)
 
 
 class ImageClassifier(pl.LightningModule):
@@ -110,7 +116,7 @@ class ImageClassifier(pl.LightningModule):
         x, y, _ = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
-        self.train_loss.update(loss.detach())
+        self.train_loss.update(loss.detach(), weight=len(y))
         self.train_acc.update(logits.detach(), y)
         return loss
 
@@ -136,7 +142,8 @@ class ImageClassifier(pl.LightningModule):
 
         The metrics are updated per batch and logged once per epoch: what ``self.log`` of the
         metric objects with ``on_epoch=True`` logs, without Lightning's ~1 ms per call and step.
-        ``compute`` synchronises the processes under DDP.
+        ``compute`` synchronises the processes under DDP (Lightning's advice to log them with
+        ``sync_dist=True`` is filtered out at the top of this module: they are synchronised).
         """
         value = acc.compute()
         self.log(f"{stage}/loss", loss.compute(), prog_bar=True)
