@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
@@ -10,6 +11,10 @@ import torch
 from lightning_modules import metrics
 from lightning_modules.image_classifier import gather_by_row
 from lightning_modules.tta import TestTimeAugmentation
+
+# the scores are computed from every rank's gathered outputs, the same on each: Lightning's advice
+# to log them with sync_dist=True does not apply
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('test_tta/")
 
 
 class TestTimeAugmentationCallback(pl.Callback):
