@@ -384,8 +384,8 @@ def test_eval_photos_are_decoded_only_as_large_as_their_views_need(tmp_path):
         source=ImageFolderSource(root=str(tmp_path / "data")), image_size=64, eval_crop_pct=0.875
     )
     dm.setup()
-    assert dm.datasets["val"].min_short_side == dm.decode_short_side() == 92  # 1.25 x 64 / 0.875
-    assert dm.datasets["train"].min_short_side == 92  # augment=none: the eval resize
+    assert dm.datasets["val"].min_short_side == dm.decode_short_side() == 147  # 2 x 64 / 0.875
+    assert dm.datasets["train"].min_short_side == 147  # augment=none: the eval resize
     off = ImageDataModule(
         source=ImageFolderSource(root=str(tmp_path / "data")), image_size=64, draft_decode=False
     )
@@ -465,10 +465,10 @@ def test_training_photos_decode_large_enough_for_every_random_crop(tmp_path, nam
             smallest = min(smallest, ch, cw)
     assert smallest >= 224 * DECODE_MARGIN * 0.98  # 0.98: the draws' integer rounding
     assert smallest <= 224 * DECODE_MARGIN * 1.1  # and not much more: the bound is tight
-    if name == "light":  # scale >= 0.5, ratio 3/4-4/3: 1.25 x 224 x sqrt(1.3333 / 0.5)
+    if name == "light":  # scale >= 0.5, ratio 3/4-4/3: 2 x 224 x sqrt(1.3333 / 0.5)
         from datamodules.sources.folder import load_rgb
 
-        assert need == 458
+        assert need == 732
         photo = _photo(tmp_path / "phone.jpg", size=(4032, 3024))
         assert load_rgb(photo, min_short_side=need).size == (1008, 756)  # decoded at 1/4 scale
 

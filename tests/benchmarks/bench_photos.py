@@ -8,7 +8,9 @@ scikit-learn ships, re-encoded as JPEG at ImageNet size (500x375) and at phone s
 repeats, median: images/s of the 224-px eval transform (load + decode + resize + crop +
 normalise) with ``data.draft_decode`` on and off, for a data module's test split and for
 five-crop TTA views. Then the predictions of a network on both inputs: the share of images
-whose predicted class is unchanged and the largest probability change.
+whose predicted class is unchanged and the largest probability change: EfficientNet-Lite1 with
+its ImageNet weights (converted offline by ``tests/efficientnet_lite.py``, the dev extras), fed
+the inputs those weights record, or a randomly initialised resnet18 where the extras are missing.
 
 Also the training transform (``augment=light``'s random resized crops and flips), whose JPEGs
 decode at the scale that keeps every possible crop ``224 x 1.25`` pixels across.
@@ -27,10 +29,25 @@ import numpy as np
 import pytest
 import torch
 
-SIZES = {"imagenet": ((500, 375), 60), "phone": ((4032, 3024), 24)}
+# photo size and how many: ~500 at ImageNet size and ~100 at phone size, made once per module
+SIZES = {"imagenet": ((500, 375), 500), "phone": ((4032, 3024), 100)}
 REPEATS = 3
 # augment=light's per-image steps (its PCA colour jitter runs on the device, after the batch)
 LIGHT_CROPS = {"random_resized_crop": {"scale": [0.5, 1.0], "ratio": [0.75, 1.3333]}, "hflip": 0.5}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """``photos(kind)``: the folder of ``kind``'s photos, made on first use."""
+    made: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in made:
+            size, count = SIZES[kind]
+            made[kind] = _photos(tmp_path_factory.mktemp(kind), size, count)
+        return made[kind]
+
+    return get
 
 
 def _photos(root: Path, size: tuple[int, int], count: int) -> Path:
@@ -92,13 +109,14 @@ def _train_items(dm):
 
 
 @pytest.mark.parametrize("kind", list(SIZES))
-def test_draft_decoding_of_eval_photos(tmp_path, kind):
+def test_draft_decoding_of_eval_photos(tmp_path, kind, photos):
     from lightning_modules.tta import TestTimeAugmentation
 
     torch.set_num_threads(1)
-    size, count = SIZES[kind]
-    root = _photos(tmp_path / kind, size, count)
-    dms = {draft: _datamodule(root, draft) for draft in (False, True)}
+    size, _ = SIZES[kind]
+    root = photos(kind)
+    weights = _imagenet_weights(tmp_path)
+    dms = {draft: _datamodule(root, draft, weights=weights) for draft in (False, True)}
     tta = TestTimeAugmentation(mode="five_crop")
     views = {d: dm.views_dataloader("test", tta).dataset for d, dm in dms.items()}
     train = {d: _train_items(dm) for d, dm in dms.items()}
@@ -121,9 +139,7 @@ def test_draft_decoding_of_eval_photos(tmp_path, kind):
             f"({med[(True, what)] / med[(False, what)]:.2f}x)"
         )
 
-    import timm
-
-    net = timm.create_model("resnet18", num_classes=10).eval()  # random weights: any net will do
+    net, name = _network(weights)
     x = {
         d: torch.stack([dms[d].datasets["test"][i][0] for i in range(len(dms[d].datasets["test"]))])
         for d in dms
@@ -132,7 +148,7 @@ def test_draft_decoding_of_eval_photos(tmp_path, kind):
         p = {d: net(x[d]).softmax(-1) for d in dms}
     same = float((p[True].argmax(1) == p[False].argmax(1)).float().mean())
     print(
-        f"  predictions: class unchanged on {same * 100:.1f} %, "
+        f"  predictions ({name}): class unchanged on {same * 100:.1f} %, "
         f"largest probability change {(p[True] - p[False]).abs().max():.4f}"
     )
     assert same >= 0.99
@@ -147,11 +163,31 @@ def test_draft_decoding_of_eval_photos(tmp_path, kind):
             assert r >= 0.9 - tolerance
 
 
+def _imagenet_weights(tmp: Path) -> str | None:
+    """EfficientNet-Lite1's ImageNet weights as a timm file (None without the dev extras)."""
+    try:
+        from tests.efficientnet_lite import write
+
+        return str(write("lite1", tmp / "efficientnet_lite1.pth"))
+    except ImportError:
+        return None
+
+
+def _network(weights: str | None):
+    import timm
+
+    if weights is None:  # a net of random weights: predictions still depend on the pixels
+        return timm.create_model("resnet18", num_classes=10).eval(), "random resnet18"
+    net = timm.create_model("efficientnet_lite1", num_classes=1000)
+    net.load_state_dict(torch.load(weights, weights_only=True)["state_dict"])
+    return net.eval(), "EfficientNet-Lite1, ImageNet weights"
+
+
 PRESETS = ("none", "light", "resnet", "strong")
 
 
 @pytest.mark.parametrize("kind", list(SIZES))
-def test_training_presets_per_worker(tmp_path, kind):
+def test_training_presets_per_worker(tmp_path, kind, photos):
     """Figures only (no target): images/s per worker (one process, one thread) of each
     ``augment`` preset's per-image training pipeline at 224 px, with draft decoding (the default),
     and of the eval pipeline; and how many workers keep 1,000 images/s fed. PCA colour jitter is
@@ -161,8 +197,8 @@ def test_training_presets_per_worker(tmp_path, kind):
     from tests.conftest import compose_cfg
 
     torch.set_num_threads(1)
-    size, count = SIZES[kind]
-    root = _photos(tmp_path / kind, size, count)
+    size, _ = SIZES[kind]
+    root = photos(kind)
     items = {}
     for name in PRESETS:
         cfg = compose_cfg(tmp_path / name, [f"augment={name}", "augment.pca.sigma=0"])
@@ -182,15 +218,15 @@ def test_training_presets_per_worker(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", list(SIZES))
-def test_cache_speeds_up_later_epochs(tmp_path, kind):
+def test_cache_speeds_up_later_epochs(tmp_path, kind, photos):
     """``data.cache=true`` and ``data.cache=disk``: training items/s per worker from the cache
     against decoding each epoch (draft decoding on in all), what filling the cache cost (one
     pass, one worker) and, on disk, what the next run's set-up costs (mapping the files).
     Target: the cached epochs are not slower (within the repeats' spread), and a run that finds
     its disk cache sets up faster than one that fills it."""
     torch.set_num_threads(1)
-    size, count = SIZES[kind]
-    root = _photos(tmp_path / kind, size, count)
+    size, _ = SIZES[kind]
+    root = photos(kind)
 
     def dm(cache):
         start = time.perf_counter()
