@@ -48,7 +48,9 @@ def weights_fingerprint(module: torch.nn.Module, *, head: Sequence[str] = ()) ->
 
 
 def cache_key(net: torch.nn.Module, datamodule, *, head: Sequence[str] = ()) -> str:
-    """Hash of the backbone weights, the data (ids of every split) and the eval transform."""
+    """Hash of the backbone weights, the data (ids of every split and, for image files, each
+    file's size and times: a file replaced under the same name is a new key) and the eval
+    transform."""
     desc = {
         "backbone": type(net).__name__,
         "weights": weights_fingerprint(net, head=head),
@@ -56,6 +58,13 @@ def cache_key(net: torch.nn.Module, datamodule, *, head: Sequence[str] = ()) -> 
         "classes": datamodule.class_names,
         "ids": {s: hashlib.sha1("\n".join(datamodule.ids(s)).encode()).hexdigest() for s in SPLITS},
     }
+    files = {}
+    for split in SPLITS:
+        ds = datamodule.datasets.get(split)
+        if ds is not None and hasattr(ds.pool.load, "stamp"):
+            files[split] = ds.pool.load.stamp(ds.indices)
+    if files:  # sources held in memory (digits, torchvision sets) are named by their ids alone
+        desc["files"] = files
     return hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
 
 

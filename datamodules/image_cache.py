@@ -181,16 +181,10 @@ def disk_key(split, *, short_side: int, interpolation) -> str:
     import PIL
     import torchvision
 
-    digest = hashlib.sha256()
     versions = [PIL.__version__, torch.__version__, torchvision.__version__]
     head = [DISK_FORMAT, short_side, str(interpolation), split.min_short_side, *versions]
-    digest.update(json.dumps(head).encode())
-    paths = split.pool.load.paths
-    for index in split.indices:
-        path = os.path.abspath(paths[int(index)])
-        st = os.stat(path)  # ctime too: a copy that keeps size and mtime (cp -p) still changes it
-        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
-    return digest.hexdigest()[:32]
+    head.append(split.pool.load.stamp(split.indices))  # every file: path, size, times
+    return hashlib.sha256(json.dumps(head).encode()).hexdigest()[:32]
 
 
 def disk_cache(

@@ -138,3 +138,29 @@ def test_progressive_head_stage_trains_on_cached_features_then_on_images(
     )
     assert cached["test/acc"] == pytest.approx(plain["test/acc"], abs=0.02)
     assert cached["test/nll"] == pytest.approx(plain["test/nll"], rel=0.05)
+
+
+def test_an_image_file_replaced_under_the_same_name_is_a_new_feature_cache_key(tmp_path):
+    """Ids alone would serve the old image's features: the key covers each file's size and
+    times too."""
+    import timm
+    from PIL import Image
+
+    from datamodules import ImageDataModule
+    from datamodules.sources import ImageFolderSource
+
+    for c, cls in enumerate(("a", "b")):
+        (tmp_path / cls).mkdir()
+        for i in range(6):
+            Image.new("RGB", (40, 30), (40 * i, 100 * c, 50)).save(tmp_path / cls / f"{i}.png")
+    net = timm.create_model("test_resnet", num_classes=2)
+
+    def key() -> str:
+        dm = ImageDataModule(source=ImageFolderSource(root=str(tmp_path)), image_size=32)
+        dm.setup()
+        return feature_cache.cache_key(net, dm)
+
+    before = key()
+    assert key() == before  # nothing changed: the same key, the cache is reused
+    Image.new("RGB", (40, 30), (255, 255, 255)).save(tmp_path / "a" / "0.png")
+    assert key() != before

@@ -189,6 +189,21 @@ class FileLoader:
     def __call__(self, index: int, *, min_short_side: int | None = None):
         return load_rgb(self.paths[index], min_short_side=min_short_side)
 
+    def stamp(self, indices) -> str:
+        """A digest of the files at ``indices``, in order: path, size, modification and change
+        times. Whatever reuses pixels decoded from them (decoded-image and feature caches)
+        keys on it: a file replaced under the same name changes it (ctime too: a copy that keeps
+        size and mtime, ``cp -p``, still changes it)."""
+        import hashlib
+        import os
+
+        digest = hashlib.sha256()
+        for index in indices:
+            path = os.path.abspath(self.paths[int(index)])
+            st = os.stat(path)
+            digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+        return digest.hexdigest()
+
 
 class ImageFolderSource:
     """Your own images, one sub-folder per class; optional separate validation and test folders.
