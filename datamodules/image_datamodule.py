@@ -512,8 +512,11 @@ class ImageDataModule(pl.LightningDataModule):
             interpolation=self.interpolation,
             eval_crop_pct=self.eval_crop_pct,
         )
-        decode = self.decode_short_side(crop_pct=tta.crop_pct, scale=max(tta.scales or (1.0,)))
+        need = self.eval_short_side(crop_pct=tta.crop_pct, scale=max(tta.scales or (1.0,)))
+        decode = need if self.draft_decode else None
         dataset = SplitDataset(base.pool, base.indices, base.targets, views, min_short_side=decode)
+        if base.cache is not None and need <= self.short_side(split):
+            dataset.cache = base.cache  # decoded at setup with what these views need to spare
         if rows is not None:  # items keep their row number in the whole split
             dataset = Subset(dataset, [int(r) for r in rows])
         return DataLoader(

@@ -232,3 +232,25 @@ def test_a_cache_setting_it_cannot_honour_is_one_clear_error(kwargs, match):
 
     with pytest.raises(UserError, match=match):
         ImageDataModule(source=DigitsSource(image_size=32), image_size=32, **kwargs)
+
+
+def test_tta_views_come_from_the_cache_when_it_kept_enough_pixels(tmp_path, monkeypatch):
+    """Five crops at the eval scale need what the eval cache kept: no file is decoded again, and
+    the views are the uncached ones up to resampling. Larger views (multiscale 1.25) need more
+    pixels than the cache kept: those decode the files."""
+    from lightning_modules.tta import TestTimeAugmentation
+
+    root = _folder(tmp_path / "photos")
+    plain, cached = _dm(root), _dm(root, cache=True)
+    five = TestTimeAugmentation(mode="five_crop")
+    expected = torch.cat([g for v, _, _ in plain.views_dataloader("test", five) for g in v])
+
+    def no_file_reads(*args, **kwargs):
+        raise AssertionError("a cached split read a file")
+
+    monkeypatch.setattr(cached.datasets["test"].pool, "load", no_file_reads)
+    views = torch.cat([g for v, _, _ in cached.views_dataloader("test", five) for g in v])
+    assert views.shape == expected.shape
+    assert (views - expected).abs().mean() < 0.15  # normalised by ImageNet std: resampling only
+    larger = TestTimeAugmentation(mode="multiscale", scales=(1.0, 1.25))
+    assert cached.views_dataloader("test", larger).dataset.cache is None
