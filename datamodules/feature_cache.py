@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -107,9 +108,16 @@ def cached_features(
         feats = {split: compute_features(net, datamodule, split) for split in SPLITS}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(feats, tmp)
-            os.replace(tmp, path)  # never a half-written cache file
+            # a name of its own (processes may compute the same features at once), renamed into
+            # place: never a half-written cache file
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    torch.save(feats, f)
+                os.chmod(tmp, 0o644)  # mkstemp's file is private: readable as any other
+                os.replace(tmp, path)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
             log.info("Frozen features: computed once and cached in %s", path)
     _MEMORY[key] = feats
     return feats

@@ -16,8 +16,9 @@ refused with the figures. Under DDP every process keeps its own copy and checks 
 ``data.cache_dir`` instead, memory-mapped: pages are read as they are used and shared by every
 process on the machine (loader workers, the members of a multirun, DDP ranks), and the next run
 on the same images starts from them without decoding a file. A split's file is named by a
-digest of everything its pixels depend on (each image file's path, size and modification time,
-in row order; the decode and cache sizes; the interpolation; Pillow's version), so a changed
+digest of everything its pixels depend on (each image file's path, size, modification and change
+times, in row order; the decode and cache sizes; the interpolation; the Pillow, torch and
+torchvision versions), so a changed
 image, split or input size gets a file of its own and is never served stale pixels. The file
 and its index are written to temporary names and renamed into place, the index last: a file
 whose index is missing or does not match its size is decoded again. Processes that need the
@@ -197,8 +198,18 @@ def disk_cache(
 
     key = disk_key(split, short_side=short_side, interpolation=interpolation)
     data, index = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
-    with open(cache_dir / f"{key}.lock", "a") as lock:
+    shapes = _read_index(index, data, len(split))
+    if shapes is not None:  # written before: no lock needed (a read-only folder is fine)
+        return MappedImages(data, shapes), 0
+    try:
+        lock = open(cache_dir / f"{key}.lock", "a")  # noqa: SIM115 (closed below)
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+    except OSError as err:
+        raise UserError(
+            f"data.cache=disk cannot lock its file in {cache_dir} ({err.strerror or err}): set "
+            "data.cache_dir to a folder you can write on a local disk, or use data.cache=true."
+        ) from err
+    with lock:
         shapes = _read_index(index, data, len(split))
         if shapes is not None:
             return MappedImages(data, shapes), 0

@@ -91,6 +91,15 @@ class TestTimeAugmentation:
             return len(self.scales) * (2 if self.flip else 1)
         return per_image[self.mode]
 
+    def resize_factor(self, eval_crop_pct: float) -> float:
+        """The largest short side its views resize an image to, as a multiple of the input size:
+        ``1 / tta.crop_pct`` for the crop modes, ``max(scales) / eval_crop_pct`` for multiscale,
+        ``1 / eval_crop_pct`` for ``none`` and ``flip`` (how large a decoded image must stay)."""
+        if self.mode in ("five_crop", "ten_crop"):
+            return 1.0 / self.crop_pct
+        scale = max(self.scales) if self.mode == "multiscale" else 1.0
+        return scale / eval_crop_pct
+
     def __repr__(self) -> str:
         extra = (
             f", scales={list(self.scales)}, flip={self.flip}" if self.mode == "multiscale" else ""

@@ -136,9 +136,8 @@ def _decode(inputs: dict, tta, *, on: bool) -> int | None:
 
     if not on:
         return None
-    crop = min(float(inputs["crop_pct"]), float(tta.crop_pct))
-    scale = max(1.0, *tta.scales) if tta.mode == "multiscale" else 1.0
-    return math.ceil(DECODE_MARGIN * int(inputs["image_size"]) * scale / crop)
+    factor = tta.resize_factor(float(inputs["crop_pct"]))
+    return math.ceil(DECODE_MARGIN * int(inputs["image_size"]) * factor)
 
 
 def _calibrated(probs: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -31,7 +31,7 @@ def _dm(root, **kw):
     dm = ImageDataModule(
         source=ImageFolderSource(root=str(root)),
         image_size=kw.pop("image_size", 64),
-        eval_crop_pct=0.875,
+        eval_crop_pct=kw.pop("eval_crop_pct", 0.875),
         val_fraction=0.25,
         test_fraction=0.25,
         augment=LIGHT,
@@ -254,3 +254,9 @@ def test_tta_views_come_from_the_cache_when_it_kept_enough_pixels(tmp_path, monk
     assert (views - expected).abs().mean() < 0.15  # normalised by ImageNet std: resampling only
     larger = TestTimeAugmentation(mode="multiscale", scales=(1.0, 1.25))
     assert cached.views_dataloader("test", larger).dataset.cache is None
+    # flips are cut at the data's own eval crop, whatever tta.crop_pct says
+    whole = _dm(root, cache=True, eval_crop_pct=0.95)
+    flip = TestTimeAugmentation(mode="flip")
+    assert flip.crop_pct < 0.95 and whole.views_dataloader("test", flip).dataset.cache is not None
+    tighter = TestTimeAugmentation(mode="five_crop", crop_pct=0.8)  # needs more than was kept
+    assert whole.views_dataloader("test", tighter).dataset.cache is None
