@@ -310,6 +310,9 @@ class MappedImages(Sequence):
         return len(self.shapes)
 
     def __getitem__(self, row: int) -> torch.Tensor:
+        if not -len(self) <= row < len(self):
+            raise IndexError(f"row {row} of {len(self)} cached images")
+        row %= len(self)
         start, end = self.offsets[row], self.offsets[row + 1]
         return self._map()[start:end].view(self.shapes[row])
 

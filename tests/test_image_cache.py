@@ -149,6 +149,7 @@ def test_a_disk_cache_holds_the_memory_cache_and_the_next_run_decodes_nothing(
 
     sent = ForkingPickler.loads(ForkingPickler.dumps(on_disk.datasets["test"]))
     assert all(torch.equal(a, b) for a, b in zip(sent.cache, in_memory["test"], strict=True))
+    assert torch.equal(sent.cache[-1], in_memory["test"][-1])  # a sequence, as a list is
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("a file was decoded")
