@@ -458,19 +458,10 @@ class ImageDataModule(pl.LightningDataModule):
             drop_last=drop_last,
         )
 
-    def eval_short_side(self, *, crop_pct: float | None = None, scale: float = 1.0) -> int:
-        """The short side an eval image must keep: what its resize needs (``image_size /
-        crop_pct``, the data's eval crop or a TTA's, × a TTA ``scale``), with
-        :data:`DECODE_MARGIN` to spare."""
-        crop = min(self.eval_crop_pct, crop_pct or 1.0)
-        return math.ceil(DECODE_MARGIN * self.image_size * max(1.0, scale) / crop)
-
-    def decode_short_side(self, *, crop_pct: float | None = None, scale: float = 1.0) -> int | None:
-        """:meth:`eval_short_side` when eval JPEGs may be decoded at a reduced scale
-        (``draft_decode``), else None."""
-        if not self.draft_decode:
-            return None
-        return self.eval_short_side(crop_pct=crop_pct, scale=scale)
+    def eval_short_side(self) -> int:
+        """The short side an eval image must keep: what its resize to ``image_size / crop_pct``
+        needs, with :data:`DECODE_MARGIN` to spare (:func:`keep_short_side`)."""
+        return keep_short_side(self.image_size / min(self.eval_crop_pct, 1.0))
 
     def train_short_side(self) -> int:
         """The short side a training image must keep so that the random crop still spans
@@ -487,7 +478,7 @@ class ImageDataModule(pl.LightningDataModule):
             need = max(self.image_size, round(sj[1] * self.image_size))
         else:
             return self.eval_short_side()
-        return math.ceil(DECODE_MARGIN * need)
+        return keep_short_side(need)
 
     def short_side(self, split: str) -> int:
         """What an image of ``split`` must keep of its short side: the training crops' need
@@ -512,7 +503,7 @@ class ImageDataModule(pl.LightningDataModule):
             interpolation=self.interpolation,
             eval_crop_pct=self.eval_crop_pct,
         )
-        need = math.ceil(DECODE_MARGIN * self.image_size * tta.resize_factor(self.eval_crop_pct))
+        need = keep_short_side(self.image_size * max(1.0, tta.resize_factor(self.eval_crop_pct)))
         decode = need if self.draft_decode else None
         dataset = SplitDataset(base.pool, base.indices, base.targets, views, min_short_side=decode)
         if base.cache is not None and need <= self.short_side(split):
@@ -564,6 +555,13 @@ def source_identity(source) -> dict:
         if value is None or isinstance(value, (str, int, float, bool)):
             identity[key] = value
     return identity
+
+
+def keep_short_side(resize: float) -> int:
+    """The short side a decoded image keeps for a resize (or crop) that needs ``resize`` pixels
+    across: :data:`DECODE_MARGIN` times that, so that JPEG draft decoding and the cache leave
+    the final resize most of the shrinking."""
+    return math.ceil(DECODE_MARGIN * resize)
 
 
 def _cache_mode(cache, cache_dir: str | None) -> str | None:

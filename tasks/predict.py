@@ -130,14 +130,12 @@ def _loader(files: list[Path], inputs: dict, tta, data) -> DataLoader:
 def _decode(inputs: dict, tta, *, on: bool) -> int | None:
     """The short side a photo must keep when decoded for these views (JPEG draft decoding,
     ``data.draft_decode``), as the data module's eval splits do."""
-    import math
-
-    from datamodules.image_datamodule import DECODE_MARGIN
+    from datamodules.image_datamodule import keep_short_side
 
     if not on:
         return None
-    factor = tta.resize_factor(float(inputs["crop_pct"]))
-    return math.ceil(DECODE_MARGIN * int(inputs["image_size"]) * factor)
+    factor = max(1.0, tta.resize_factor(float(inputs["crop_pct"])))
+    return keep_short_side(int(inputs["image_size"]) * factor)
 
 
 def _calibrated(probs: torch.Tensor, temperature: float) -> torch.Tensor:

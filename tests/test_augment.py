@@ -384,7 +384,7 @@ def test_eval_photos_are_decoded_only_as_large_as_their_views_need(tmp_path):
         source=ImageFolderSource(root=str(tmp_path / "data")), image_size=64, eval_crop_pct=0.875
     )
     dm.setup()
-    assert dm.datasets["val"].min_short_side == dm.decode_short_side() == 147  # 2 x 64 / 0.875
+    assert dm.datasets["val"].min_short_side == dm.eval_short_side() == 147  # 2 x 64 / 0.875
     assert dm.datasets["train"].min_short_side == 147  # augment=none: the eval resize
     off = ImageDataModule(
         source=ImageFolderSource(root=str(tmp_path / "data")), image_size=64, draft_decode=False
