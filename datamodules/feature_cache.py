@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.atomic_file import atomic_file
 from datamodules.epoch_sampler import EpochSampler
 
 log = logging.getLogger(__name__)
@@ -108,16 +107,8 @@ def cached_features(
         feats = {split: compute_features(net, datamodule, split) for split in SPLITS}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # a name of its own (processes may compute the same features at once), renamed into
-            # place: never a half-written cache file
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    torch.save(feats, f)
-                os.chmod(tmp, 0o644)  # mkstemp's file is private: readable as any other
-                os.replace(tmp, path)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            with atomic_file(path) as f:  # processes may compute the same features at once
+                torch.save(feats, f)
             log.info("Frozen features: computed once and cached in %s", path)
     _MEMORY[key] = feats
     return feats

@@ -36,13 +36,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.atomic_file import atomic_file
 from datamodules.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -228,15 +228,12 @@ def disk_cache(
 
 
 def _write(split, data: Path, index: Path, *, budget, **fill) -> list:
-    """Decode ``split`` into ``data`` and its ``index``: temporary files renamed into place, the
-    index last (an index names a complete file). Returns the images' shapes."""
-    cache_dir, key = data.parent, data.stem
+    """Decode ``split`` into ``data``, then write its ``index``: each renamed into place whole
+    (``atomic_file``), the index last (an index names a complete file). Returns the shapes."""
+    cache_dir = data.parent
     shapes: list[list[int]] = []
-    temporary = []
     try:
-        fd, data_tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}.", suffix=".u8.tmp")
-        temporary.append(data_tmp)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(data) as f:
 
             def write(image: torch.Tensor) -> None:
                 shapes.append(list(image.shape))
@@ -245,23 +242,14 @@ def _write(split, data: Path, index: Path, *, budget, **fill) -> list:
             fill_cache(
                 split, budget=budget, sink=write, room=f"half the free space in {cache_dir}", **fill
             )
-        fd, index_tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}.", suffix=".json.tmp")
-        temporary.append(index_tmp)
-        with os.fdopen(fd, "w") as f:
+        with atomic_file(index, "w") as f:
             json.dump({"format": DISK_FORMAT, "shapes": shapes}, f)
-        for path in temporary:  # mkstemp makes them private: readable as any other file
-            os.chmod(path, 0o644)
-        os.replace(data_tmp, data)
-        os.replace(index_tmp, index)
     except OSError as err:
         raise UserError(
             f"data.cache=disk could not write its file in {cache_dir} ({err.strerror or err}): "
             "free some space there, set data.cache_dir to a folder on another local disk, or use "
             "data.cache=true."
         ) from err
-    finally:
-        for path in temporary:
-            Path(path).unlink(missing_ok=True)
     return shapes
 
 

@@ -25,13 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from datamodules.atomic_file import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -257,10 +257,8 @@ def load_or_fit_color_pca(
             log.warning("Unreadable PCA cache %s (%s): fitting again", path, err)
     pca = fit()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_file(path, "w") as f:
         json.dump({"key": key, "pca": pca.to_dict()}, f, indent=1)
-    os.replace(tmp, path)
     return pca, path, False
 
 

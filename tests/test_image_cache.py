@@ -261,3 +261,19 @@ def test_tta_views_come_from_the_cache_when_it_kept_enough_pixels(tmp_path, monk
     assert flip.crop_pct < 0.95 and whole.views_dataloader("test", flip).dataset.cache is not None
     tighter = TestTimeAugmentation(mode="five_crop", crop_pct=0.8)  # needs more than was kept
     assert whole.views_dataloader("test", tighter).dataset.cache is None
+
+
+def test_an_atomic_file_is_whole_or_absent(tmp_path):
+    """How every cache file is written (decoded images, features, colour PCA)."""
+    from datamodules.atomic_file import atomic_file
+
+    path = tmp_path / "cache.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_file(path) as f:
+        f.write(b"half of the new")
+        raise RuntimeError("killed while writing")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["cache.bin"]
+    with atomic_file(path) as f:
+        f.write(b"new")
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["cache.bin"]
+    assert path.stat().st_mode & 0o777 == 0o644
